@@ -1,0 +1,71 @@
+"""`python -m ml_infer [overrides]`: evaluate one strategy (or sweep several with -m).
+
+    python -m ml_infer strategy=tta_ensemble
+    python -m ml_infer -m strategy=standard,tta,ensemble,tta_ensemble
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from ml_infer.config import check_overrides, conf_dir
+from ml_infer.errors import UserError
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The task: evaluate, print a summary; a UserError becomes one line on stderr and exit 2."""
+    from ml_infer.evaluate import evaluate
+
+    try:
+        metrics = evaluate(cfg)
+    except UserError as error:
+        exit_with(error)
+    if metrics:
+        print(summary(metrics), flush=True)
+    return metrics
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """A few readable lines of the figures a user compares strategies by."""
+    m = metrics
+    return "\n".join(
+        [
+            f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): {m['views']} view(s) x "
+            f"{m['models']} model(s) = {m['forward_passes_per_image']} forward passes per image, "
+            f"{m['precision']} on {m['device']}",
+            f"  accuracy {m['accuracy']:.4f} (95% CI {m['accuracy_ci95_low']:.4f}-"
+            f"{m['accuracy_ci95_high']:.4f})  macro-F1 {m['macro_f1']:.4f}  NLL {m['nll']:.4f}  "
+            f"ECE {m['ece']:.4f}  Brier {m['brier']:.4f}",
+            f"  {m['images_per_s']:.0f} images/s  batch latency p50 {m['latency_ms_p50']:.1f} ms, "
+            f"p95 {m['latency_ms_p95']:.1f} ms  peak memory {m['peak_mem_mb']:.0f} MB",
+        ]
+    )
+
+
+def exit_with(error: UserError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as error:
+        exit_with(error)
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Saving and safely loading classifier checkpoints. Nothing else in ml_infer calls torch.load.
+
+Our format (written by `ml_infer.train`) is a plain dict that `torch.load(weights_only=True)`
+reads without unpickling any code:
+
+    model            the architecture as a Hydra config: {"_target_": ..., constructor args}
+    model_state_dict raw weights
+    ema_state_dict   EMA weights (optional)
+    classes          class names, in output order
+    input            {"size": [H, W], "channels": C, "mean": [...], "std": [...]}
+    fold, metrics    provenance: which fold, and its validation figures
+
+A checkpoint's `_target_` is only built when it lies under `TRUSTED_MODEL_TARGETS`; any other
+architecture is named by the user's `model=` config instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ml_infer.config import instantiate
+from ml_infer.errors import UserError
+from ml_infer.models import TRUSTED_MODEL_TARGETS
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: image size, channels, and the normalisation applied to [0, 1] pixels."""
+
+    size: tuple[int, int]
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any]) -> InputSpec:
+        size = spec["size"]
+        size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(map(int, size))
+        return cls(
+            size=size,
+            channels=int(spec["channels"]),
+            mean=tuple(float(m) for m in spec["mean"]),
+            std=tuple(float(s) for s in spec["std"]),
+        )
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(images - mean) / std per channel, for [..., C, H, W] images in [0, 1]."""
+        shape = (self.channels, 1, 1)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(shape)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(shape)
+        return (images - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": list(self.size),
+            "channels": self.channels,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+@dataclasses.dataclass
+class Classifier:
+    """A loaded checkpoint: the model in eval mode and what it was trained on."""
+
+    path: Path
+    model: nn.Module
+    model_config: dict[str, Any]
+    classes: list[str]
+    input_spec: InputSpec
+    weights: Literal["raw", "ema"]
+    sha256: str
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model_config: Mapping[str, Any],
+    model_state_dict: Mapping[str, torch.Tensor],
+    classes: Sequence[str],
+    input_spec: InputSpec,
+    ema_state_dict: Mapping[str, torch.Tensor] | None = None,
+    fold: int | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Writes a checkpoint atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "model": dict(model_config),
+        "model_state_dict": {k: v.detach().cpu().clone() for k, v in model_state_dict.items()},
+        "classes": list(classes),
+        "input": input_spec.to_dict(),
+        "fold": fold,
+        "metrics": dict(metrics or {}),
+    }
+    if ema_state_dict is not None:
+        payload["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in ema_state_dict.items()}
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The checkpoint's contents and the SHA-256 of its bytes, loaded without unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        raise UserError(f"checkpoint is empty: {path}")
+    try:
+        contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(
+            f"checkpoint {path} holds objects that are not safe to unpickle ({first_line}); "
+            "only tensors and plain data are loaded"
+        ) from None
+    except (RuntimeError, EOFError, IndexError, ValueError, zipfile.BadZipFile) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"checkpoint {path} is corrupt or truncated, or not a PyTorch file ({reason})"
+        ) from None
+    if not isinstance(contents, dict):
+        raise UserError(f"checkpoint {path} holds a {type(contents).__name__}, not a dict")
+    return contents, digest
+
+
+def load_classifier(
+    path: str | Path,
+    *,
+    use_ema: bool = False,
+    model_config: Mapping[str, Any] | None = None,
+) -> Classifier:
+    """Builds the checkpoint's model, loads raw or EMA weights, and puts it in eval mode.
+
+    `model_config` (the user's `model=` choice) overrides the architecture the checkpoint names.
+    """
+    path = Path(path)
+    contents, digest = read_checkpoint(path)
+    missing = [key for key in ("model_state_dict", "classes", "input") if key not in contents]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; not an ml_infer checkpoint")
+    classes = [str(name) for name in contents["classes"]]
+    input_spec = InputSpec.from_dict(contents["input"])
+    if model_config is None:
+        model_config = contents.get("model")
+        if not model_config or "_target_" not in model_config:
+            raise UserError(f"checkpoint {path} does not name its architecture; choose one with model=")
+        _check_trusted(model_config, path)
+        model_kwargs: dict[str, Any] = {}
+    else:
+        model_kwargs = {"in_channels": input_spec.channels, "num_classes": len(classes)}
+    model = instantiate(dict(model_config), **model_kwargs)
+    state_dict, weights = _select_weights(contents, use_ema, path)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        target = model_config["_target_"]
+        reason = " ".join(str(error).split())[:300]
+        raise UserError(f"checkpoint {path} does not fit architecture {target}: {reason}") from None
+    return Classifier(
+        path=path,
+        model=model.eval(),
+        model_config=dict(model_config) | model_kwargs,
+        classes=classes,
+        input_spec=input_spec,
+        weights=weights,
+        sha256=digest,
+    )
+
+
+def load_ensemble(
+    paths: Sequence[str | Path],
+    *,
+    use_ema: bool = False,
+    model_config: Mapping[str, Any] | None = None,
+    allow_mixed_architectures: bool = False,
+) -> list[Classifier]:
+    """Loads every member and checks that they agree on classes, input and (by default) architecture."""
+    members = [load_classifier(p, use_ema=use_ema, model_config=model_config) for p in paths]
+    first = members[0]
+    for other in members[1:]:
+        if other.classes != first.classes:
+            raise UserError(
+                f"ensemble members disagree on classes: {first.path} has {first.classes}, "
+                f"{other.path} has {other.classes}"
+            )
+        if other.input_spec != first.input_spec:
+            raise UserError(
+                f"ensemble members disagree on input: {first.path} expects {first.input_spec}, "
+                f"{other.path} expects {other.input_spec}"
+            )
+        if other.model_config != first.model_config and not allow_mixed_architectures:
+            raise UserError(
+                f"ensemble members differ in architecture: {first.path} is {first.model_config}, "
+                f"{other.path} is {other.model_config}; set ensemble.allow_mixed_architectures=true "
+                "if that is intended"
+            )
+    return members
+
+
+def expand_checkpoint_paths(patterns: Sequence[str | Path]) -> list[Path]:
+    """Expands glob patterns (sorted); a plain path is kept even when missing, to be reported later."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        pattern = str(pattern)
+        if any(char in pattern for char in "*?["):
+            matches = [Path(match) for match in sorted(glob.glob(pattern))]
+            if not matches:
+                raise UserError(
+                    f"no checkpoint matches {pattern!r}; train folds with ml-infer-train "
+                    "or point ensemble.checkpoints at existing files"
+                )
+            paths.extend(matches)
+        else:
+            paths.append(Path(pattern))
+    if not paths:
+        raise UserError("ensemble.checkpoints is empty; give at least one checkpoint path")
+    return paths
+
+
+def _select_weights(
+    contents: Mapping[str, Any], use_ema: bool, path: Path
+) -> tuple[Mapping[str, torch.Tensor], Literal["raw", "ema"]]:
+    if use_ema:
+        ema = contents.get("ema_state_dict")
+        if ema:
+            return ema, "ema"
+        log.warning("checkpoint %s has no EMA weights; using its raw weights", path)
+    return contents["model_state_dict"], "raw"
+
+
+def _check_trusted(config: Any, path: Path) -> None:
+    """Every `_target_` in the checkpoint's model config, nested ones included, must be trusted."""
+    if isinstance(config, Mapping):
+        target = config.get("_target_")
+        if target is not None and not str(target).startswith(TRUSTED_MODEL_TARGETS):
+            raise UserError(
+                f"checkpoint {path} names architecture {target!r}, outside the trusted prefixes "
+                f"{list(TRUSTED_MODEL_TARGETS)}; to trust it, name it yourself with model="
+            )
+        children = config.values()
+    elif isinstance(config, (list, tuple)):
+        children = config
+    else:
+        return
+    for child in children:
+        _check_trusted(child, path)

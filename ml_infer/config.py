@@ -1,0 +1,94 @@
+"""Where the configs live, and the one place that turns a `_target_` config into an object.
+
+Augmentations and aggregators are chosen by name (`tta.aggregation=max`,
+`tta.augmentations=[horizontal_flip]`), as the seed's config does. A name resolves to the yaml
+file of that name in the matching `conf/` folder, which holds the `_target_` to build. A config
+entry may also be an inline mapping with its own `_target_`, for parts defined outside ml_infer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ml_infer.errors import UserError, one_of
+
+log = logging.getLogger(__name__)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """The config tree: `ml_infer/conf` in an installed wheel, `conf/` beside the package in a checkout."""
+    for candidate in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"ml_infer's conf/ folder is missing (looked beside {_PACKAGE_DIR})")
+
+
+def options(group: str) -> list[str]:
+    """The option names of a config group: its yaml files, sorted.
+
+    >>> "tta_ensemble" in options("strategy")
+    True
+    """
+    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
+
+
+def instantiate(config: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, logging what it builds."""
+    from hydra.utils import instantiate as hydra_instantiate
+
+    log.debug("Instantiating <%s>", config.get("_target_"))
+    return hydra_instantiate(config, **kwargs)
+
+
+def instantiate_named(group: str, entry: Any, kind: str, **kwargs: Any) -> Any:
+    """Builds `entry`: an option name in `conf/<group>/`, or a mapping with a `_target_`."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(entry, (dict, DictConfig)):
+        if "_target_" not in entry:
+            raise UserError(f"{kind} {OmegaConf.to_container(DictConfig(entry))} has no _target_")
+        return instantiate(entry, **kwargs)
+    name = str(entry)
+    valid = options(group)
+    if name not in valid:
+        raise one_of(kind, name, valid)
+    return instantiate(OmegaConf.load(conf_dir() / group / f"{name}.yaml"), **kwargs)
+
+
+# Keys whose value names a yaml file in a conf/ folder rather than a config group option.
+NAMED_VALUE_KEYS = {
+    "tta.aggregation": ("tta_aggregation", "TTA aggregation"),
+    "ensemble.aggregation": ("ensemble_aggregation", "ensemble aggregation"),
+    "tta.augmentations": ("augmentation", "augmentation"),
+}
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Fails fast, before Hydra or torch start, on an unknown option name in command-line overrides.
+
+    Checks `group=option` (and sweeps `group=a,b`) against the yaml files of `conf/<group>/`, and
+    the names given to `tta.aggregation`, `ensemble.aggregation` and `tta.augmentations`. Anything
+    it does not understand (interpolations, sweep functions) is left for Hydra to judge.
+    """
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not sep or "(" in value or "$" in value or key.startswith("hydra"):
+            continue
+        names = [name.strip() for name in value.strip("[]").split(",") if name.strip()]
+        if key in NAMED_VALUE_KEYS:
+            group, kind = NAMED_VALUE_KEYS[key]
+        elif (conf_dir() / key).is_dir() and "/" not in key and "." not in key:
+            group, kind = key, key
+            if value in ("null", ""):
+                continue
+        else:
+            continue
+        valid = options(group)
+        for name in names:
+            if name not in valid:
+                raise one_of(kind, name, valid)

@@ -1,0 +1,98 @@
+"""Runners: how many processes share the data set. The predictor is the same either way.
+
+- `SingleProcessRunner`: one process, one device.
+- `AccelerateRunner`: Hugging Face Accelerate. Under `torchrun --nproc_per_node N` or
+  `accelerate launch` each process gets a shard of the data set (gloo on CPU, NCCL on GPU);
+  `gather_for_metrics` collects every sample's outputs on every process, dropping the padding
+  Accelerate adds when the data set does not divide evenly; only the main process writes and
+  logs. Launched as a single process it behaves like `SingleProcessRunner`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ml_infer.data import make_loader
+from ml_infer.predictor import DatasetPredictions, Predictor, predict_dataset, resolve_device
+
+
+class SingleProcessRunner:
+    is_main_process = True
+    num_processes = 1
+
+    def __init__(self, device: str) -> None:
+        self.device = resolve_device(device)
+
+    def predict(
+        self,
+        predictor: Predictor,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        warmup_batches: int = 1,
+        progress: bool = True,
+    ) -> DatasetPredictions:
+        loader = make_loader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        return predict_dataset(
+            predictor, loader, warmup_batches=warmup_batches, progress=progress, n_batches=len(loader)
+        )
+
+
+class AccelerateRunner:
+    def __init__(self, device: str) -> None:
+        from accelerate import Accelerator
+
+        if device not in ("auto", "cpu"):
+            resolve_device(device)  # a clear error when CUDA is asked for but missing
+        self.accelerator = Accelerator(cpu=device == "cpu")
+        self.device = self.accelerator.device
+        self.is_main_process = self.accelerator.is_main_process
+        self.num_processes = self.accelerator.num_processes
+
+    def predict(
+        self,
+        predictor: Predictor,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        warmup_batches: int = 1,
+        progress: bool = True,
+    ) -> DatasetPredictions:
+        loader = make_loader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        loader = self.accelerator.prepare_data_loader(loader)
+        result = predict_dataset(
+            predictor,
+            loader,
+            warmup_batches=warmup_batches,
+            progress=progress and self.is_main_process,
+            gather=self._gather,
+            n_batches=len(loader),
+        )
+        # Every process times its own shard; the job is as fast as its slowest process.
+        result.wall_seconds = self._max_over_processes(result.wall_seconds)
+        return result
+
+    def _gather(self, outputs: Any) -> Any:
+        return self.accelerator.gather_for_metrics(outputs)
+
+    def _max_over_processes(self, value: float) -> float:
+        import torch
+
+        if self.num_processes == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(tensor, reduction="max").item())

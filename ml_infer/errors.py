@@ -1,0 +1,18 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+Entry points print its message as a single line and exit non-zero; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message names the bad value and, where there is a list, the valid ones."""
+
+
+def one_of(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> UserError:
+    """The standard "unknown X" error.
+
+    >>> str(one_of("aggregation", "avg", ["max", "mean"]))
+    "unknown aggregation 'avg'; valid: max, mean"
+    """
+    return UserError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")

@@ -1,0 +1,110 @@
+"""Accuracy, calibration and speed figures of one evaluated strategy.
+
+Accuracy and macro-F1 come from torchmetrics (imported here, lazily: it takes seconds); NLL,
+ECE and Brier score are a few lines of torch, written so that they use the strategy's own
+predicted class (a vote's tie-break can differ from the argmax of its vote shares).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ECE_BINS = 15
+
+
+def nll(probs: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood of the true class.
+
+    Probabilities are clipped at float32 epsilon first, as scikit-learn's `log_loss` does, so a
+    vote that gives the true class no share costs -log(1.19e-7) = 15.9 rather than infinity.
+
+    >>> round(nll(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([0, 0])), 4)
+    0.3993
+    """
+    eps = torch.finfo(torch.float32).eps
+    true_class = probs.gather(1, labels.view(-1, 1)).squeeze(1)
+    return float(-true_class.clamp(eps, 1 - eps).log().mean())
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Mean over samples of the squared distance between probabilities and the one-hot label.
+
+    >>> round(brier(torch.tensor([[0.5, 0.5], [1.0, 0.0]]), torch.tensor([0, 0])), 4)
+    0.25
+    """
+    one_hot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    return float(((probs - one_hot) ** 2).sum(dim=1).mean())
+
+
+def expected_calibration_error(
+    probs: Tensor, preds: Tensor, labels: Tensor, n_bins: int = ECE_BINS
+) -> float:
+    """ECE with equal-width confidence bins: sum over bins of |bin| / N * |accuracy - confidence|.
+
+    The confidence of a sample is the probability of its predicted class. Bins are [lo, hi) with
+    confidence 1.0 in a bin of its own, as torchmetrics' `multiclass_calibration_error` does.
+
+    >>> probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    >>> preds, labels = torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 0, 0])
+    >>> round(expected_calibration_error(probs, preds, labels), 4)
+    0.4
+    """
+    confidence = probs.gather(1, preds.view(-1, 1)).squeeze(1)
+    correct = (preds == labels).to(probs.dtype)
+    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype)
+    bin_index = torch.bucketize(confidence, boundaries, right=True) - 1
+    confidence_sums = torch.bincount(bin_index, weights=confidence, minlength=n_bins + 1)
+    correct_sums = torch.bincount(bin_index, weights=correct, minlength=n_bins + 1)
+    return float((confidence_sums - correct_sums).abs().sum() / len(labels))
+
+
+def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion.
+
+    >>> [round(x, 4) for x in wilson_interval(90, 100)]
+    [0.8256, 0.9448]
+    """
+    if total == 0:
+        return (math.nan, math.nan)
+    p = successes / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def classification_metrics(probs: Tensor, preds: Tensor, labels: Tensor) -> dict[str, float]:
+    """Accuracy (with its 95% Wilson interval), macro-F1, NLL, ECE and Brier score."""
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+    n_classes = probs.shape[1]
+    accuracy = multiclass_accuracy(preds, labels, num_classes=n_classes, average="micro")
+    macro_f1 = multiclass_f1_score(preds, labels, num_classes=n_classes, average="macro")
+    low, high = wilson_interval(int((preds == labels).sum()), len(labels))
+    return {
+        "accuracy": float(accuracy),
+        "accuracy_ci95_low": low,
+        "accuracy_ci95_high": high,
+        "macro_f1": float(macro_f1),
+        "nll": nll(probs, labels),
+        "ece": expected_calibration_error(probs, preds, labels),
+        "brier": brier(probs, labels),
+    }
+
+
+def speed_metrics(
+    n_images: int, wall_seconds: float, batch_seconds: Sequence[float]
+) -> dict[str, float]:
+    """Throughput of the whole loop (data included) and per-batch latency percentiles."""
+    latencies_ms = np.asarray(batch_seconds) * 1000.0
+    return {
+        "images_per_s": n_images / wall_seconds if wall_seconds > 0 else math.inf,
+        "latency_ms_p50": float(np.percentile(latencies_ms, 50)),
+        "latency_ms_p95": float(np.percentile(latencies_ms, 95)),
+        "wall_s": wall_seconds,
+    }

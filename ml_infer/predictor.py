@@ -1,0 +1,260 @@
+"""The engine: a bank of models x test-time views x two aggregators x numeric precision.
+
+For a batch of B images, K views and M models:
+
+    images [B] -> views [K, B] (batched tensor ops) -> normalise
+               -> for each model: forwards in chunks of `forward_batch_size` -> softmax
+                  -> probs [K, B, C] -> view aggregator -> [B, C]
+               -> stacked [M, B, C] -> model aggregator -> [B, C]
+
+Models are looped rather than stacked (measured faster on CPU), and a K*B batch is split into
+chunks of the tuned batch size (a bigger batch is slower per image once activations fall out of
+cache). Nothing outside this module knows how views and models are batched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ml_infer.aggregate import Aggregator, Predictions
+from ml_infer.augment import Views
+from ml_infer.checkpoints import InputSpec
+from ml_infer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PrecisionMode = Literal["fp32", "autocast"]
+AutocastDtype = Literal["auto", "bf16", "fp16"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU; an unavailable device is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available; valid here: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels for this CPU (e.g. avx512_bf16 or AMX)."""
+    mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and mkldnn_check and mkldnn_check())
+
+
+def resolve_autocast_dtype(
+    precision: PrecisionMode, autocast_dtype: AutocastDtype, device: torch.device
+) -> torch.dtype | None:
+    """The autocast dtype to run with, or None for plain fp32 (with a warning when falling back)."""
+    if precision not in ("fp32", "autocast"):
+        raise UserError(f"unknown precision {precision!r}; valid: fp32, autocast")
+    if autocast_dtype not in ("auto", "bf16", "fp16"):
+        raise UserError(f"unknown autocast_dtype {autocast_dtype!r}; valid: auto, bf16, fp16")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if autocast_dtype == "fp16":
+            return torch.float16
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if autocast_dtype == "bf16":
+            log.warning("this GPU has no bf16 support; autocast runs in fp16 instead")
+        return torch.float16
+    if autocast_dtype == "fp16":
+        log.warning("fp16 autocast on CPU is slower than fp32 on most CPUs; running bf16 or fp32")
+    if cpu_supports_bf16():
+        return torch.bfloat16
+    log.warning(
+        "this CPU has no native bf16 support (no avx512_bf16 / AMX); mixed precision runs in fp32"
+    )
+    return None
+
+
+class Predictor:
+    """Runs every model on every view of a batch and merges them into one prediction per image."""
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        views: Views,
+        view_aggregator: Aggregator,
+        model_aggregator: Aggregator,
+        input_spec: InputSpec,
+        *,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        forward_batch_size: int = 256,
+        channels_last: bool = False,
+    ) -> None:
+        if forward_batch_size < 1:
+            raise UserError(f"engine.forward_batch_size must be positive, got {forward_batch_size}")
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.models = [m.eval().to(device=device, memory_format=memory_format) for m in models]
+        self.views = views
+        self.view_aggregator = view_aggregator
+        self.model_aggregator = model_aggregator
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.forward_batch_size = forward_batch_size
+        self.memory_format = memory_format
+        self.input_spec = input_spec
+        model_aggregator.check_members(len(self.models))
+
+    @property
+    def forward_passes_per_image(self) -> int:
+        return len(self.views) * len(self.models)
+
+    @property
+    def precision_name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Predictions:
+        """Merged prediction for a batch [B, C, H, W] of [0, 1] images."""
+        images = images.to(self.device, non_blocking=True)
+        views = self.views(images)
+        n_views, batch = views.shape[:2]
+        flat = self.input_spec.normalise(views.flatten(0, 1))
+        flat = flat.contiguous(memory_format=self.memory_format)
+        per_model = []
+        with self.autocast():
+            for model in self.models:
+                logits = torch.cat([model(chunk) for chunk in flat.split(self.forward_batch_size)])
+                probs = logits.float().softmax(dim=-1).view(n_views, batch, -1)
+                per_model.append(self.view_aggregator(Predictions.from_probs(probs)))
+        members = Predictions(
+            torch.stack([p.probs for p in per_model]), torch.stack([p.preds for p in per_model])
+        )
+        return self.model_aggregator(members)
+
+
+@dataclasses.dataclass
+class DatasetPredictions:
+    """Per-sample outputs of a whole pass over a data set, plus how long it took."""
+
+    probs: Tensor  # [N, C] float32
+    preds: Tensor  # [N] int64
+    labels: Tensor  # [N] int64
+    positions: Tensor  # [N] int64: each sample's position in the data set
+    wall_seconds: float  # the whole timed loop: data loading, views, forwards, merging
+    batch_seconds: list[float]  # the predictor's time per batch
+    peak_memory_mb: float
+    peak_memory_kind: str
+
+
+Gather = Callable[[Any], Any]
+
+
+def predict_dataset(
+    predictor: Predictor,
+    loader: Iterable,
+    *,
+    warmup_batches: int = 1,
+    progress: bool = True,
+    gather: Gather | None = None,
+    n_batches: int | None = None,
+) -> DatasetPredictions:
+    """Runs the predictor over every batch of `loader`, timing the loop after a warm-up.
+
+    `gather` collects each batch's per-sample outputs from all processes (Accelerate's
+    `gather_for_metrics`); by default outputs stay local.
+    """
+    from tqdm.auto import tqdm
+
+    device = predictor.device
+    if warmup_batches > 0:
+        first_images = next(iter(loader))[0]
+        for _ in range(warmup_batches):
+            predictor(first_images)
+    memory = _PeakMemory(device)
+    probs, preds, labels, positions, batch_seconds = [], [], [], [], []
+    bar = tqdm(loader, total=n_batches, desc="batches", unit="batch", disable=None if progress else True,
+               leave=False)
+    _synchronize(device)
+    loop_start = time.perf_counter()
+    for images, batch_labels, batch_positions in bar:
+        batch_start = time.perf_counter()
+        merged = predictor(images)
+        _synchronize(device)
+        batch_seconds.append(time.perf_counter() - batch_start)
+        outputs = (merged.probs, merged.preds, batch_labels, torch.as_tensor(batch_positions))
+        if gather is not None:
+            outputs = gather(tuple(t.to(device) for t in outputs))
+        probs.append(outputs[0].float().cpu())
+        preds.append(outputs[1].cpu())
+        labels.append(outputs[2].cpu())
+        positions.append(outputs[3].cpu())
+    _synchronize(device)
+    wall_seconds = time.perf_counter() - loop_start
+    bar.close()
+    if not probs:
+        raise UserError("the data loader yielded no batches")
+    return DatasetPredictions(
+        probs=torch.cat(probs),
+        preds=torch.cat(preds),
+        labels=torch.cat(labels),
+        positions=torch.cat(positions),
+        wall_seconds=wall_seconds,
+        batch_seconds=batch_seconds,
+        peak_memory_mb=memory.peak_mb(),
+        peak_memory_kind=memory.kind,
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory from now on: CUDA allocations on a GPU, the process's resident set on CPU.
+
+    On Linux the resident-set high-water mark is reset through /proc/self/clear_refs, so the
+    figure belongs to this evaluation rather than to whatever the process did before.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda_max_allocated"
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self.kind = "rss_high_water_mark"
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            self.kind = "rss_max_since_start"
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
