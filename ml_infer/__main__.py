@@ -1,7 +1,7 @@
 """`python -m ml_infer [overrides]`: evaluate one strategy (or sweep several with -m).
 
-    python -m ml_infer strategy=tta_ensemble
-    python -m ml_infer -m strategy=standard,tta,ensemble,tta_ensemble
+python -m ml_infer strategy=tta_ensemble
+python -m ml_infer -m strategy=standard,tta,ensemble,tta_ensemble
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def summary(metrics: dict[str, Any]) -> str:
     m = metrics
     return "\n".join(
         [
-            f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): {m['views']} view(s) x "
+            f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): "
+            f"{m['views']} view(s) x "
             f"{m['models']} model(s) = {m['forward_passes_per_image']} forward passes per image, "
             f"{m['precision']} on {m['device']}",
             f"  accuracy {m['accuracy']:.4f} (95% CI {m['accuracy_ci95_low']:.4f}-"

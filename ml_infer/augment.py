@@ -166,7 +166,7 @@ class Contrast(_Intensity):
 
 
 def grayscale(images: Tensor) -> Tensor:
-    """Luminance [B, 1, H, W] of RGB images (torchvision's weights); 1-channel images as they are."""
+    """Luminance [B, 1, H, W] of RGB images (torchvision's weights); gray images as they are."""
     if images.shape[-3] == 1:
         return images
     if images.shape[-3] != 3:

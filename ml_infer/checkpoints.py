@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ FORMAT_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: image size, channels, and the normalisation applied to [0, 1] pixels."""
+    """What a model expects: image size, channels, and the normalisation of [0, 1] pixels."""
 
     size: tuple[int, int]
     channels: int
@@ -132,10 +133,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0]
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise UserError(
+                f"checkpoint {path} holds a {blocked.group(1)} object, which is not safe to "
+                "unpickle; only tensors and plain data are loaded"
+            ) from None
         raise UserError(
-            f"checkpoint {path} holds objects that are not safe to unpickle ({first_line}); "
-            "only tensors and plain data are loaded"
+            f"checkpoint {path} is corrupt or truncated, or not a PyTorch file"
         ) from None
     except (RuntimeError, EOFError, IndexError, ValueError, zipfile.BadZipFile) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -167,7 +172,9 @@ def load_classifier(
     if model_config is None:
         model_config = contents.get("model")
         if not model_config or "_target_" not in model_config:
-            raise UserError(f"checkpoint {path} does not name its architecture; choose one with model=")
+            raise UserError(
+                f"checkpoint {path} does not name its architecture; choose one with model="
+            )
         _check_trusted(model_config, path)
         model_kwargs: dict[str, Any] = {}
     else:
@@ -198,7 +205,7 @@ def load_ensemble(
     model_config: Mapping[str, Any] | None = None,
     allow_mixed_architectures: bool = False,
 ) -> list[Classifier]:
-    """Loads every member and checks that they agree on classes, input and (by default) architecture."""
+    """Loads every member; they must agree on classes, input and (by default) architecture."""
     members = [load_classifier(p, use_ema=use_ema, model_config=model_config) for p in paths]
     first = members[0]
     for other in members[1:]:
@@ -215,14 +222,14 @@ def load_ensemble(
         if other.model_config != first.model_config and not allow_mixed_architectures:
             raise UserError(
                 f"ensemble members differ in architecture: {first.path} is {first.model_config}, "
-                f"{other.path} is {other.model_config}; set ensemble.allow_mixed_architectures=true "
-                "if that is intended"
+                f"{other.path} is {other.model_config}; "
+                "set ensemble.allow_mixed_architectures=true if that is intended"
             )
     return members
 
 
 def expand_checkpoint_paths(patterns: Sequence[str | Path]) -> list[Path]:
-    """Expands glob patterns (sorted); a plain path is kept even when missing, to be reported later."""
+    """Expands glob patterns (sorted); a plain path is kept even when missing, reported later."""
     paths: list[Path] = []
     for pattern in patterns:
         pattern = str(pattern)

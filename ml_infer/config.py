@@ -20,7 +20,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def conf_dir() -> Path:
-    """The config tree: `ml_infer/conf` in an installed wheel, `conf/` beside the package in a checkout."""
+    """The config tree: `ml_infer/conf` in a wheel, `conf/` beside the package in a checkout."""
     for candidate in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate
@@ -37,11 +37,17 @@ def options(group: str) -> list[str]:
 
 
 def instantiate(config: Any, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate`, logging what it builds."""
+    """`hydra.utils.instantiate`, logging what it builds; a UserError raised inside stays one."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
     log.debug("Instantiating <%s>", config.get("_target_"))
-    return hydra_instantiate(config, **kwargs)
+    try:
+        return hydra_instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
 
 
 def instantiate_named(group: str, entry: Any, kind: str, **kwargs: Any) -> Any:

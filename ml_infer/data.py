@@ -52,7 +52,9 @@ class TensorImages(Dataset):
 
     id_name = "index"
 
-    def __init__(self, images: Tensor, labels: Tensor, sample_ids: Sequence[Any], classes: Sequence[str]):
+    def __init__(
+        self, images: Tensor, labels: Tensor, sample_ids: Sequence[Any], classes: Sequence[str]
+    ):
         self.images, self.labels = images, labels
         self.sample_ids = list(sample_ids)
         self.classes = list(classes)

@@ -42,7 +42,11 @@ class SingleProcessRunner:
             pin_memory=self.device.type == "cuda",
         )
         return predict_dataset(
-            predictor, loader, warmup_batches=warmup_batches, progress=progress, n_batches=len(loader)
+            predictor,
+            loader,
+            warmup_batches=warmup_batches,
+            progress=progress,
+            n_batches=len(loader),
         )
 
 

@@ -66,7 +66,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
     runner = _build_runner(strategy.runner, cfg.device)
-    autocast_dtype = resolve_autocast_dtype(strategy.precision, strategy.autocast_dtype, runner.device)
+    autocast_dtype = resolve_autocast_dtype(
+        strategy.precision, strategy.autocast_dtype, runner.device
+    )
 
     import torch
 
@@ -95,8 +97,14 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     )
     log.info(
         "%s: %d view(s) x %d model(s) = %d forward passes per image, %s on %s, %d %s images",
-        strategy.name, len(views), len(members), predictor.forward_passes_per_image,
-        predictor.precision_name, runner.device, len(dataset), cfg.data.split,
+        strategy.name,
+        len(views),
+        len(members),
+        predictor.forward_passes_per_image,
+        predictor.precision_name,
+        runner.device,
+        len(dataset),
+        cfg.data.split,
     )
     result = runner.predict(
         predictor,
@@ -124,7 +132,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "view_names": list(views.names),
         "tta_aggregation": _name_of(cfg.tta.aggregation),
         "ensemble_aggregation": _name_of(cfg.ensemble.aggregation),
-        "ensemble_weights": None if cfg.ensemble.get("weights") is None else list(cfg.ensemble.weights),
+        "ensemble_weights": None
+        if cfg.ensemble.get("weights") is None
+        else list(cfg.ensemble.weights),
         "precision": predictor.precision_name,
         "runner": strategy.runner,
         "processes": runner.num_processes,
@@ -154,7 +164,9 @@ def _load_data(cfg: DictConfig, input_spec: Any, model_classes: list[str]):
         only_model = sorted(set(model_classes) - set(dataset.classes))
         detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
         if not only_data and not only_model:
-            detail = f"same names in another order: data {dataset.classes}, checkpoint {model_classes}"
+            detail = (
+                f"same names in another order: data {dataset.classes}, checkpoint {model_classes}"
+            )
         raise UserError(f"the data's classes differ from the checkpoint's ({detail})")
     return dataset
 

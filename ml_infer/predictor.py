@@ -44,7 +44,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available; valid here: auto, cpu")
+        raise UserError(
+            f"device {name!r} asked for, but CUDA is not available; valid here: auto, cpu"
+        )
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N")
     return device
@@ -187,8 +189,14 @@ def predict_dataset(
             predictor(first_images)
     memory = _PeakMemory(device)
     probs, preds, labels, positions, batch_seconds = [], [], [], [], []
-    bar = tqdm(loader, total=n_batches, desc="batches", unit="batch", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(
+        loader,
+        total=n_batches,
+        desc="batches",
+        unit="batch",
+        disable=None if progress else True,
+        leave=False,
+    )
     _synchronize(device)
     loop_start = time.perf_counter()
     for images, batch_labels, batch_positions in bar:

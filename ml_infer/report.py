@@ -45,10 +45,12 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`aggregation` (views/models) and `relative_cost`: the standard run's images/s over this run's."""
+    """`aggregation` (views/models), and `relative_cost`: standard's images/s over this run's."""
     baseline = next((r for r in rows if r.get("strategy") == "standard"), None)
     for row in rows:
-        row["aggregation"] = f"{row.get('tta_aggregation', '-')}/{row.get('ensemble_aggregation', '-')}"
+        row["aggregation"] = (
+            f"{row.get('tta_aggregation', '-')}/{row.get('ensemble_aggregation', '-')}"
+        )
         if baseline is not None and row.get("images_per_s"):
             row["relative_cost"] = baseline["images_per_s"] / row["images_per_s"]
         else:

@@ -23,5 +23,7 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_comparison(sweep_dir)
         if rows:
-            print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n", flush=True)
+            print(
+                f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n", flush=True
+            )
             print(markdown_table(rows), flush=True)

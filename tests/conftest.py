@@ -1,0 +1,70 @@
+"""Shared fixtures: real fold checkpoints trained once per session by our own trainer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from ml_infer.config import conf_dir
+
+CONF = conf_dir()
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough to train in seconds, good enough to score > 0.95 on the digits test split.
+FIXTURE_FOLDS = 3
+FIXTURE_EPOCHS = 5
+
+
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "config", runs_dir: Path | None = None
+) -> DictConfig:
+    """The config `python -m ml_infer <overrides>` would run, composed without running it."""
+    extra = [f"runs_dir={runs_dir}"] if runs_dir is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[*extra, *overrides])
+    if "engine" in cfg:
+        with open_dict(cfg):
+            cfg.engine.progress = False
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """runs/digits/fold_<k>/weights/best.pt for k < FIXTURE_FOLDS, trained by ml_infer.train."""
+    from ml_infer.train import train_folds
+
+    directory = tmp_path_factory.mktemp("runs") / "digits"
+    cfg = compose_config(
+        [f"folds={FIXTURE_FOLDS}", f"epochs={FIXTURE_EPOCHS}"],
+        config_name="train",
+        runs_dir=directory,
+    )
+    train_folds(cfg)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fold_paths(runs_dir: Path) -> list[Path]:
+    return [runs_dir / f"fold_{k}" / "weights" / "best.pt" for k in range(FIXTURE_FOLDS)]
+
+
+def run_cli(
+    args: Sequence[str], cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Runs `python -m <args>` in a fresh interpreter, as a user's shell would."""
+    env = {**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,131 @@
+"""Equalities the engine must keep, on real checkpoints trained by ml_infer.train."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_infer.aggregate import HardVoting, SoftVoting
+from ml_infer.augment import Views
+from ml_infer.checkpoints import load_classifier
+from ml_infer.data import DigitsDataset
+from ml_infer.evaluate import evaluate
+from ml_infer.predictor import Predictor
+
+from .conftest import compose_config
+
+
+def read_predictions(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "predictions.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def run(overrides, runs_dir, out_dir):
+    return evaluate(compose_config(overrides, runs_dir=runs_dir), output_dir=out_dir)
+
+
+def test_tta_none_is_identical_to_standard(runs_dir, tmp_path):
+    standard = run(["strategy=standard"], runs_dir, tmp_path / "standard")
+    # The tta strategy with its views removed, merged by vote: nothing left to merge.
+    no_views = run(
+        ["strategy=tta", "tta=none", "tta.aggregation=vote"], runs_dir, tmp_path / "none"
+    )
+    assert read_predictions(tmp_path / "standard") == read_predictions(tmp_path / "none")
+    for key in ("accuracy", "nll", "ece", "brier"):
+        assert standard[key] == no_views[key]
+    assert no_views["forward_passes_per_image"] == 1
+
+
+def test_ensemble_of_one_checkpoint_equals_that_checkpoint(runs_dir, fold_paths, tmp_path):
+    alone = run([f"ensemble.checkpoints=[{fold_paths[1]}]"], runs_dir, tmp_path / "alone")
+    ensemble = run(
+        ["strategy=ensemble", f"ensemble.checkpoints=[{fold_paths[1]}]"], runs_dir, tmp_path / "ens"
+    )
+    assert read_predictions(tmp_path / "alone") == read_predictions(tmp_path / "ens")
+    assert alone["nll"] == ensemble["nll"]
+
+
+def digits_test_images() -> torch.Tensor:
+    return DigitsDataset(split="test").images
+
+
+def predictor_for(classifiers, aggregator, views=None, forward_batch_size=256):
+    return Predictor(
+        [c.model for c in classifiers],
+        views or Views([]),
+        SoftVoting(),
+        aggregator,
+        classifiers[0].input_spec,
+        device=torch.device("cpu"),
+        forward_batch_size=forward_batch_size,
+    )
+
+
+@pytest.mark.parametrize("aggregator", [SoftVoting(), HardVoting()], ids=["soft", "hard"])
+def test_ensemble_of_copies_equals_the_single_model(fold_paths, aggregator):
+    images = digits_test_images()
+    alone = predictor_for([load_classifier(fold_paths[0])], aggregator)(images)
+    copies = predictor_for([load_classifier(fold_paths[0]) for _ in range(3)], aggregator)(images)
+    assert torch.equal(alone.preds, copies.preds)
+    if isinstance(aggregator, SoftVoting):
+        assert torch.allclose(alone.probs, copies.probs, atol=1e-6)
+
+
+def test_chunked_forward_equals_one_forward(fold_paths):
+    from ml_infer.evaluate import build_views
+
+    images = digits_test_images()
+    classifiers = [load_classifier(p) for p in fold_paths]
+    views = build_views(["horizontal_flip", "brightness"])
+    small = predictor_for(classifiers, SoftVoting(), views, forward_batch_size=7)(images)
+    large = predictor_for(classifiers, SoftVoting(), views, forward_batch_size=256)(images)
+    assert torch.allclose(small.probs, large.probs, atol=1e-5)
+    assert torch.equal(small.preds, large.preds)
+
+
+def test_two_runs_with_the_same_seed_give_identical_predictions(runs_dir, tmp_path):
+    overrides = ["strategy=tta_ensemble", "tta=flips", "seed=3"]
+    first = run(overrides, runs_dir, tmp_path / "first")
+    second = run(overrides, runs_dir, tmp_path / "second")
+    assert read_predictions(tmp_path / "first") == read_predictions(tmp_path / "second")
+    assert first["accuracy"] == second["accuracy"] and first["nll"] == second["nll"]
+
+
+def test_data_batch_size_does_not_change_predictions(runs_dir, tmp_path):
+    run(["strategy=ensemble", "data.batch_size=256"], runs_dir, tmp_path / "b256")
+    run(["strategy=ensemble", "data.batch_size=50"], runs_dir, tmp_path / "b50")
+    big, small = read_predictions(tmp_path / "b256"), read_predictions(tmp_path / "b50")
+    assert [row["pred"] for row in big] == [row["pred"] for row in small]
+    for a, b in zip(big, small):
+        assert abs(float(a["prob_3"]) - float(b["prob_3"])) < 1e-5
+
+
+def test_weighted_ensemble_weights_change_the_probabilities(runs_dir, tmp_path):
+    even = run(
+        ["strategy=ensemble", "ensemble=weighted", "ensemble.weights=[1,1,1]"],
+        runs_dir,
+        tmp_path / "even",
+    )
+    skewed = run(
+        ["strategy=ensemble", "ensemble=weighted", "ensemble.weights=[1,0,0]"],
+        runs_dir,
+        tmp_path / "skewed",
+    )
+    alone = run([], runs_dir, tmp_path / "alone")
+    # All weight on fold 0 is fold 0 alone; even weights are plain soft voting.
+    assert skewed["nll"] == pytest.approx(alone["nll"], abs=1e-6)
+    soft = run(
+        [
+            "strategy=ensemble",
+            "ensemble=weighted",
+            "ensemble.weights=null",
+            "ensemble.aggregation=soft_voting",
+        ],
+        runs_dir,
+        tmp_path / "soft",
+    )
+    assert even["nll"] == pytest.approx(soft["nll"], abs=1e-6)
+    assert even["ensemble_weights"] == [1, 1, 1]

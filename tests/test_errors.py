@@ -1,0 +1,127 @@
+"""Bad input: a one-line error naming the bad value (and the valid ones), a non-zero exit, no
+traceback, and no result files written. Run as real subprocesses, as a user would meet them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ml_infer.checkpoints import read_checkpoint
+
+from .conftest import run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def evaluate_cli(run_dir: Path, runs_dir: Path, *overrides: str):
+    return run_cli(["ml_infer", f"hydra.run.dir={run_dir}", f"runs_dir={runs_dir}", *overrides])
+
+
+def assert_nothing_written(run_dir: Path) -> None:
+    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / "predictions.csv").exists()
+    assert not list(run_dir.glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (
+            ["strategy=fastest"],
+            [
+                "unknown strategy 'fastest'",
+                "accelerate, ensemble, mixed_precision, standard, tta, tta_ensemble",
+            ],
+        ),
+        (
+            ["tta.augmentations=[horizontal_flip,mirror]"],
+            ["unknown augmentation 'mirror'", "rotate_90"],
+        ),
+        (["tta.aggregation=avg"], ["unknown TTA aggregation 'avg'", "gmean, max, mean, vote"]),
+        (
+            ["ensemble.aggregation=average"],
+            ["unknown ensemble aggregation 'average'", "hard_voting, soft_voting, weighted"],
+        ),
+        (["-m", "strategy=standard,nope"], ["unknown strategy 'nope'"]),
+        (["tta=everything"], ["unknown tta 'everything'", "d4, flips"]),
+    ],
+)
+def test_unknown_names_are_answered_before_any_work(overrides, fragments, tmp_path):
+    result = run_cli(["ml_infer", f"hydra.run.dir={tmp_path}", *overrides], timeout=60)
+    assert_one_line_error(result, *fragments)
+    assert "torch" not in result.stdout
+
+
+def test_missing_checkpoint(runs_dir, tmp_path):
+    missing = tmp_path / "nowhere" / "best.pt"
+    result = evaluate_cli(tmp_path / "run", runs_dir, f"ensemble.checkpoints=[{missing}]")
+    assert_one_line_error(result, f"checkpoint not found: {missing}")
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_glob_matching_no_checkpoint(tmp_path):
+    result = evaluate_cli(tmp_path / "run", tmp_path / "empty", "strategy=ensemble")
+    assert_one_line_error(result, "no checkpoint matches", "fold_*")
+
+
+def test_truncated_checkpoint(fold_paths, runs_dir, tmp_path):
+    data = fold_paths[0].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    result = evaluate_cli(tmp_path / "run", runs_dir, f"ensemble.checkpoints=[{truncated}]")
+    assert_one_line_error(result, f"checkpoint {truncated} is corrupt or truncated")
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_ensemble_members_with_different_classes(fold_paths, runs_dir, tmp_path):
+    contents, _ = read_checkpoint(fold_paths[1])
+    contents["classes"] = [*contents["classes"][:-1], "nine"]
+    renamed = tmp_path / "renamed.pt"
+    torch.save(contents, renamed)
+    result = evaluate_cli(
+        tmp_path / "run",
+        runs_dir,
+        "strategy=ensemble",
+        f"ensemble.checkpoints=[{fold_paths[0]},{renamed}]",
+    )
+    assert_one_line_error(result, "ensemble members disagree on classes", "'nine'")
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_wrong_number_of_ensemble_weights(runs_dir, tmp_path):
+    result = evaluate_cli(
+        tmp_path / "run",
+        runs_dir,
+        "strategy=ensemble",
+        "ensemble=weighted",
+        "ensemble.weights=[0.5,0.5]",
+    )
+    assert_one_line_error(result, "2 ensemble weights for 3 checkpoints")
+
+
+def test_negative_ensemble_weight(runs_dir, tmp_path):
+    result = evaluate_cli(
+        tmp_path / "run",
+        runs_dir,
+        "strategy=ensemble",
+        "ensemble=weighted",
+        "ensemble.weights=[0.5,-1,0.5]",
+    )
+    assert_one_line_error(result, "must be non-negative", "-1.0")
+
+
+def test_full_traceback_on_request(tmp_path):
+    args = ["ml_infer", f"hydra.run.dir={tmp_path}", "ensemble.checkpoints=[/no/such.pt]"]
+    result = run_cli(args, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "checkpoint not found" in result.stderr
