@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         checkpoint_paths,
         use_ema=cfg.use_ema,
         model_config=model_config,
-        allow_mixed_architectures=cfg.ensemble.get("allow_mixed_architectures", False),
+        allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
     )
     input_spec = members[0].input_spec
     dataset = _load_data(cfg, input_spec, members[0].classes)
