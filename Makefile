@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STRATEGIES ?= standard,mixed_precision,tta,ensemble,tta_ensemble
 
-.PHONY: install demo train test lint clean
+.PHONY: install demo train test lint clean compare mlflow-ui
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ train: runs/digits/fold_4/weights/best.pt
 
 demo: train
 	$(PY) -m ml_infer -m strategy=$(DEMO_STRATEGIES)
+
+compare: train
+	$(PY) -m ml_infer -m +experiment=compare_all
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
 	$(PY) -m pytest

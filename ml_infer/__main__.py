@@ -42,6 +42,9 @@ def summary(metrics: dict[str, Any]) -> str:
             f"  accuracy {m['accuracy']:.4f} (95% CI {m['accuracy_ci95_low']:.4f}-"
             f"{m['accuracy_ci95_high']:.4f})  macro-F1 {m['macro_f1']:.4f}  NLL {m['nll']:.4f}  "
             f"ECE {m['ece']:.4f}  Brier {m['brier']:.4f}",
+            f"  vs standard: accuracy {m['accuracy_delta_vs_standard']:+.4f} (95% CI "
+            f"{m['accuracy_delta_ci95_low']:+.4f} to {m['accuracy_delta_ci95_high']:+.4f}), "
+            f"McNemar p = {m['mcnemar_p_vs_standard']:.3g}",
             f"  {m['images_per_s']:.0f} images/s  batch latency p50 {m['latency_ms_p50']:.1f} ms, "
             f"p95 {m['latency_ms_p95']:.1f} ms  peak memory {m['peak_mem_mb']:.0f} MB",
         ]

@@ -25,6 +25,10 @@ class SingleProcessRunner:
     def __init__(self, device: str) -> None:
         self.device = resolve_device(device)
 
+    def agree(self, value: Any) -> Any:
+        """The main process's `value`, so that every process takes the same branch."""
+        return value
+
     def predict(
         self,
         predictor: Predictor,
@@ -34,6 +38,7 @@ class SingleProcessRunner:
         num_workers: int = 0,
         warmup_batches: int = 1,
         progress: bool = True,
+        min_timing_s: float = 0.0,
     ) -> DatasetPredictions:
         loader = make_loader(
             dataset,
@@ -70,6 +75,7 @@ class AccelerateRunner:
         num_workers: int = 0,
         warmup_batches: int = 1,
         progress: bool = True,
+        min_timing_s: float = 0.0,
     ) -> DatasetPredictions:
         loader = make_loader(
             dataset,
@@ -85,10 +91,20 @@ class AccelerateRunner:
             progress=progress and self.is_main_process,
             gather=self._gather,
             n_batches=len(loader),
+            min_timing_s=min_timing_s,
+            agree=self.agree,
         )
         # Every process times its own shard; the job is as fast as its slowest process.
         result.wall_seconds = self._max_over_processes(result.wall_seconds)
         return result
+
+    def agree(self, value: Any) -> Any:
+        """The main process's `value`, so that every process takes the same branch."""
+        if self.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
 
     def _gather(self, outputs: Any) -> Any:
         return self.accelerator.gather_for_metrics(outputs)

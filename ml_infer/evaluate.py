@@ -113,17 +113,32 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         num_workers=cfg.data.num_workers,
         warmup_batches=cfg.engine.warmup_batches,
         progress=cfg.engine.progress,
+        min_timing_s=cfg.engine.min_timing_s,
     )
+    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    baseline_correct = standard_baseline(cfg, predictor, members, dataset, runner, result)
     if not runner.is_main_process:
         return {}
 
-    from ml_infer.metrics import classification_metrics, speed_metrics
+    from ml_infer.metrics import (
+        classification_metrics,
+        mcnemar_p_value,
+        paired_bootstrap_delta,
+        speed_metrics,
+    )
 
+    correct = correct_by_position(result)
+    delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=cfg.seed)
     metrics: dict[str, Any] = {
         "strategy": strategy.name,
         "n": len(result.labels),
         **classification_metrics(result.probs, result.preds, result.labels),
+        "accuracy_delta_vs_standard": delta,
+        "accuracy_delta_ci95_low": delta_low,
+        "accuracy_delta_ci95_high": delta_high,
+        "mcnemar_p_vs_standard": mcnemar_p_value(correct, baseline_correct),
         **speed_metrics(len(result.labels), result.wall_seconds, result.batch_seconds),
+        "timed_passes": len(result.pass_seconds),
         "forward_passes_per_image": predictor.forward_passes_per_image,
         "peak_mem_mb": result.peak_memory_mb,
         "peak_mem_kind": result.peak_memory_kind,
@@ -147,10 +162,101 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
     }
-    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
     write_predictions(output_dir / "predictions.csv", result, dataset)
+    from ml_infer.report import plot_confusion_matrix
+
+    plot_confusion_matrix(
+        result.labels,
+        result.preds,
+        dataset.classes,
+        output_dir / "confusion_matrix.png",
+        title=f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
+        f"on {cfg.data.name}/{cfg.data.split}",
+    )
     write_json(output_dir / "metrics.json", metrics)
+
+    from ml_infer.tracking import log_evaluation
+
+    log_evaluation(cfg, metrics, output_dir)
     return metrics
+
+
+def correct_by_position(result: Any):
+    """Per-sample correctness [N] in data-set order (a multi-process gather may reorder samples)."""
+    import torch
+
+    correct = torch.empty(len(result.labels), dtype=torch.bool)
+    correct[result.positions] = result.preds == result.labels
+    return correct
+
+
+def standard_baseline(
+    cfg: DictConfig, predictor: Any, members: list, dataset: Any, runner: Any, result: Any
+):
+    """Per-sample correctness of `standard` on the same data: the run's first checkpoint, fp32,
+    no views. A standard run is its own baseline; other runs reuse the baseline that a run of the
+    same sweep (same checkpoint, weights and data) already stored, and compute it only otherwise.
+    """
+    import hashlib
+
+    from ml_infer.aggregate import SoftVoting
+    from ml_infer.augment import Views
+    from ml_infer.predictor import Predictor
+
+    first = members[0]
+    identity = {
+        "checkpoint_sha256": first.sha256,
+        "weights": first.weights,
+        "data": OmegaConf.to_container(cfg.data.dataset, resolve=True),
+        "split": cfg.data.split,
+        "n": len(dataset),
+    }
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    sweep_dir = _sweep_dir()
+    cache = sweep_dir / "baselines" / f"standard_{key}.json" if sweep_dir else None
+    if predictor.forward_passes_per_image == 1 and predictor.autocast_dtype is None:
+        baseline = correct_by_position(result) if runner.is_main_process else None
+    elif cache is not None and runner.agree(cache.is_file()):
+        baseline = None
+        if runner.is_main_process:
+            import torch
+
+            baseline = torch.tensor(json.loads(cache.read_text())["correct"], dtype=torch.bool)
+    else:
+        log.info(
+            "computing the standard baseline (%s, 1 view, fp32) for the comparison", first.path
+        )
+        standard = Predictor(
+            [first.model],
+            Views([]),
+            SoftVoting(),
+            SoftVoting(),
+            first.input_spec,
+            device=runner.device,
+            forward_batch_size=predictor.forward_batch_size,
+        )
+        baseline_result = runner.predict(
+            standard,
+            dataset,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            warmup_batches=0,
+            progress=False,
+        )
+        baseline = correct_by_position(baseline_result) if runner.is_main_process else None
+    if runner.is_main_process and cache is not None and not cache.is_file():
+        write_json(cache, identity | {"correct": baseline.int().tolist()})
+    return baseline
+
+
+def _sweep_dir() -> Path | None:
+    """The directory a multirun's jobs share, or None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir)
+    return None
 
 
 def _load_data(cfg: DictConfig, input_spec: Any, model_classes: list[str]):

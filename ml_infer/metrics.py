@@ -108,3 +108,45 @@ def speed_metrics(
         "latency_ms_p95": float(np.percentile(latencies_ms, 95)),
         "wall_s": wall_seconds,
     }
+
+
+def paired_bootstrap_delta(
+    correct: Tensor, baseline_correct: Tensor, n_resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Accuracy difference to a baseline on the same samples, with a 95% paired-bootstrap interval.
+
+    Samples are resampled with replacement (the same indices for both), `n_resamples` times with
+    a fixed seed; the interval is the 2.5th and 97.5th percentile of the resampled differences.
+
+    >>> a, b = torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 1, 0])
+    >>> delta, low, high = paired_bootstrap_delta(a, b)
+    >>> delta, low <= 0.0 <= high
+    (0.25, True)
+    """
+    difference = correct.double() - baseline_correct.double()
+    generator = torch.Generator().manual_seed(seed)
+    n = len(difference)
+    resampled = difference[torch.randint(n, (n_resamples, n), generator=generator)].mean(dim=1)
+    low, high = torch.quantile(
+        resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)
+    ).tolist()
+    return float(difference.mean()), low, high
+
+
+def mcnemar_p_value(correct: Tensor, baseline_correct: Tensor) -> float:
+    """Exact (binomial) two-sided McNemar test of two classifiers on the same samples.
+
+    Only discordant samples count: b = baseline right and this wrong, c = the reverse; under the
+    null hypothesis each is equally likely, so p = P(Binomial(b + c, 1/2) as extreme as min(b, c)).
+
+    >>> mcnemar_p_value(torch.tensor([1, 1, 1, 1, 0]), torch.tensor([0, 0, 0, 0, 0]))
+    0.125
+    """
+    from scipy.stats import binomtest
+
+    correct, baseline_correct = correct.bool(), baseline_correct.bool()
+    only_baseline = int((baseline_correct & ~correct).sum())
+    only_this = int((correct & ~baseline_correct).sum())
+    if only_baseline + only_this == 0:
+        return 1.0
+    return float(binomtest(min(only_baseline, only_this), only_baseline + only_this, 0.5).pvalue)

@@ -1,9 +1,11 @@
-"""The comparison a user reads after a sweep: one row per evaluated run.
+"""The comparison a user reads after a sweep: a table, a CSV and an accuracy-vs-cost plot.
 
-    python -m ml_infer.report outputs/multirun/2026-11-25/12-00-00   # a sweep directory
+    python -m ml_infer.report outputs/multirun/2026-11-25/12-00-00     # a sweep directory
+    python -m ml_infer.report ml_infer-digits --out outputs/report    # an MLflow experiment
 
-Reads each run's `metrics.json` (and its `.hydra/overrides.yaml` for a label) and writes
-`comparison.md` and `comparison.csv` beside them.
+From a sweep directory it reads each run's `metrics.json` (labelled by its
+`.hydra/overrides.yaml`); from an MLflow experiment, each finished strategy run's metrics and
+params. It writes `comparison.md`, `comparison.csv` and `pareto.png`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ TABLE_COLUMNS = (
     ("models", "{}"),
     ("aggregation", "{}"),
     ("accuracy", "{:.4f}"),
+    ("accuracy 95% CI", "{}"),
+    ("delta vs standard [95% CI]", "{}"),
+    ("McNemar p", "{:.3g}"),
     ("macro_f1", "{:.4f}"),
     ("nll", "{:.4f}"),
     ("ece", "{:.4f}"),
@@ -44,13 +49,30 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return add_derived_columns(rows)
 
 
+def collect_mlflow_runs(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """The finished strategy runs (not sweep parents) of an MLflow experiment, oldest first."""
+    from ml_infer.tracking import runs_of_experiment
+
+    return add_derived_columns(runs_of_experiment(experiment, tracking_uri))
+
+
 def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`aggregation` (views/models), and `relative_cost`: standard's images/s over this run's."""
+    """`aggregation`, interval strings, and `relative_cost`: standard's images/s over this run's."""
     baseline = next((r for r in rows if r.get("strategy") == "standard"), None)
     for row in rows:
         row["aggregation"] = (
             f"{row.get('tta_aggregation', '-')}/{row.get('ensemble_aggregation', '-')}"
         )
+        if "accuracy_ci95_low" in row:
+            row["accuracy 95% CI"] = (
+                f"{row['accuracy_ci95_low']:.4f}-{row['accuracy_ci95_high']:.4f}"
+            )
+        if "accuracy_delta_vs_standard" in row:
+            row["delta vs standard [95% CI]"] = (
+                f"{row['accuracy_delta_vs_standard']:+.4f} "
+                f"[{row['accuracy_delta_ci95_low']:+.4f}, {row['accuracy_delta_ci95_high']:+.4f}]"
+            )
+        row["McNemar p"] = row.get("mcnemar_p_vs_standard")
         if baseline is not None and row.get("images_per_s"):
             row["relative_cost"] = baseline["images_per_s"] / row["images_per_s"]
         else:
@@ -72,19 +94,153 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Writes comparison.md and comparison.csv into `sweep_dir`; returns the rows."""
-    sweep_dir = Path(sweep_dir)
-    rows = collect_runs(sweep_dir)
+def write_comparison(
+    out_dir: str | Path, rows: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Writes comparison.md, comparison.csv and pareto.png into `out_dir`; returns the rows.
+
+    `rows` default to the runs found under `out_dir` (a sweep directory).
+    """
+    out_dir = Path(out_dir)
+    rows = collect_runs(out_dir) if rows is None else rows
     if not rows:
         return rows
-    (sweep_dir / "comparison.md").write_text(markdown_table(rows) + "\n")
-    scalar_keys = [k for k, v in rows[0].items() if not isinstance(v, (list, dict))]
-    with (sweep_dir / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=scalar_keys, extrasaction="ignore")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(markdown_table(rows) + "\n")
+    columns: list[str] = []
+    for row in rows:
+        columns += [
+            k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in columns
+        ]
+    with (out_dir / "comparison.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    plot_pareto(rows, out_dir / "pareto.png")
     return rows
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none cheaper-or-equal and at least as accurate.
+
+    >>> pareto_front([(1.0, 0.90), (2.0, 0.95), (3.0, 0.93), (5.0, 0.97)])
+    [0, 1, 3]
+    """
+    front = []
+    for i, (cost, accuracy) in enumerate(points):
+        dominated = any(
+            (c <= cost and a >= accuracy) and (c < cost or a > accuracy)
+            for j, (c, a) in enumerate(points)
+            if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy (with its 95% interval) against relative cost, the Pareto front joined and bold."""
+    plt = _pyplot()
+    use_measured = all(not math.isnan(r.get("relative_cost", math.nan)) for r in rows)
+    costs = [r["relative_cost"] if use_measured else r["forward_passes_per_image"] for r in rows]
+    accuracies = [r["accuracy"] for r in rows]
+    front = pareto_front(list(zip(costs, accuracies)))
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for i, row in enumerate(rows):
+        low = row.get("accuracy_ci95_low", row["accuracy"])
+        high = row.get("accuracy_ci95_high", row["accuracy"])
+        on_front = i in front
+        axes.errorbar(
+            costs[i],
+            accuracies[i],
+            yerr=[[accuracies[i] - low], [high - accuracies[i]]],
+            fmt="o",
+            color="tab:red" if on_front else "tab:gray",
+            alpha=1.0 if on_front else 0.6,
+            capsize=3,
+            markersize=7 if on_front else 5,
+        )
+        axes.annotate(
+            row.get("run", row["strategy"]),
+            (costs[i], accuracies[i]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+            fontweight="bold" if on_front else "normal",
+        )
+    axes.plot(
+        [costs[i] for i in front],
+        [accuracies[i] for i in front],
+        "-",
+        color="tab:red",
+        alpha=0.7,
+        label="Pareto front (no run is cheaper and more accurate)",
+    )
+    axes.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.xaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+    axes.set_xlabel(
+        "relative cost (standard's images/s / this run's, log scale)"
+        if use_measured
+        else "forward passes per image (log scale)"
+    )
+    axes.set_ylabel("accuracy (bars: 95% Wilson interval)")
+    data = {f"{r.get('data', '?')}/{r.get('split', '?')}" for r in rows}
+    axes.set_title(f"Accuracy vs cost on {', '.join(sorted(data))} ({len(rows)} runs)")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_confusion_matrix(
+    labels: Any, preds: Any, classes: Sequence[str], path: Path, title: str
+) -> None:
+    """Counts of (true, predicted) classes as a heat map, each cell labelled."""
+    import numpy as np
+
+    plt = _pyplot()
+    n = len(classes)
+    matrix = np.zeros((n, n), dtype=int)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(preds)), 1)
+    size = max(4.0, 0.45 * n + 2)
+    figure, axes = plt.subplots(figsize=(size + 1, size))
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    axes.set_xticks(range(n), classes, rotation=90 if n > 10 else 0)
+    axes.set_yticks(range(n), classes)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title, fontsize=9)
+    if n <= 30:
+        threshold = matrix.max() / 2
+        for (i, j), count in np.ndenumerate(matrix):
+            if count:
+                axes.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if count > threshold else "black",
+                )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _job_order(metrics_path: Path) -> tuple[int, str]:
@@ -97,26 +253,52 @@ def _run_label(run_dir: Path) -> str:
     if overrides_path.is_file():
         from omegaconf import OmegaConf
 
-        overrides = [o for o in OmegaConf.load(overrides_path) if not str(o).startswith("hydra")]
-        if overrides:
-            return " ".join(str(o) for o in overrides)
+        overrides = [str(o).lstrip("+") for o in OmegaConf.load(overrides_path)]
+        hidden = ("hydra", "tracking", "runs_dir", "experiment=")
+        shown = [o.removeprefix("comparison=") for o in overrides if not o.startswith(hidden)]
+        if shown:
+            return " ".join(shown)
     return run_dir.name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ml_infer.report", description="Compare the runs of a sweep directory."
+        prog="python -m ml_infer.report",
+        description="Compare the runs of a sweep directory or of an MLflow experiment.",
     )
-    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
+    parser.add_argument("source", help="a Hydra multirun directory, or an MLflow experiment name")
+    parser.add_argument(
+        "--tracking-uri",
+        default="sqlite:///outputs/mlflow.db",
+        help="where the experiment lives (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the report (default: the sweep directory, or "
+        "outputs/reports/<experiment>)",
+    )
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"error: not a directory: {args.sweep_dir}", file=sys.stderr)
-        return 2
-    rows = write_comparison(args.sweep_dir)
+    source = Path(args.source)
+    if source.is_dir():
+        rows = collect_runs(source)
+        out_dir = args.out or source
+    else:
+        from ml_infer.errors import UserError
+
+        try:
+            rows = collect_mlflow_runs(args.source, args.tracking_uri)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        out_dir = args.out or Path("outputs") / "reports" / args.source
     if not rows:
-        print(f"error: no run under {args.sweep_dir} has a metrics.json", file=sys.stderr)
+        print(f"error: no evaluated run found in {args.source}", file=sys.stderr)
         return 2
+    write_comparison(out_dir, rows)
     print(markdown_table(rows))
+    print(f"\nwrote {out_dir / 'comparison.md'}, comparison.csv and pareto.png")
     return 0
 
 

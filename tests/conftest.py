@@ -27,11 +27,14 @@ def compose_config(
 ) -> DictConfig:
     """The config `python -m ml_infer <overrides>` would run, composed without running it."""
     extra = [f"runs_dir={runs_dir}"] if runs_dir is not None else []
+    if config_name == "config" and not any(o.lstrip("+").startswith("tracking") for o in overrides):
+        extra.append("tracking=none")  # tests that track say where
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=[*extra, *overrides])
     if "engine" in cfg:
         with open_dict(cfg):
             cfg.engine.progress = False
+            cfg.engine.min_timing_s = 0.0  # timing repeats are for speed figures, not these tests
     return cfg
 
 

@@ -129,3 +129,20 @@ def test_weighted_ensemble_weights_change_the_probabilities(runs_dir, tmp_path):
     )
     assert even["nll"] == pytest.approx(soft["nll"], abs=1e-6)
     assert even["ensemble_weights"] == [1, 1, 1]
+
+
+def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
+    import statistics
+
+    from ml_infer.data import make_loader
+    from ml_infer.predictor import predict_dataset
+
+    predictor = predictor_for([load_classifier(fold_paths[0])], SoftVoting())
+    loader = make_loader(DigitsDataset(split="test"), batch_size=100)
+    once = predict_dataset(predictor, loader, progress=False)
+    repeated = predict_dataset(predictor, loader, progress=False, min_timing_s=0.2, max_timing_passes=6)
+    assert len(once.pass_seconds) == 1
+    assert 1 < len(repeated.pass_seconds) <= 6
+    assert repeated.wall_seconds == statistics.median(repeated.pass_seconds)
+    assert len(repeated.batch_seconds) == 4 * len(repeated.pass_seconds)
+    assert torch.equal(repeated.preds, once.preds) and len(repeated.labels) == 360

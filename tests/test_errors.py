@@ -24,7 +24,8 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 def evaluate_cli(run_dir: Path, runs_dir: Path, *overrides: str):
-    return run_cli(["ml_infer", f"hydra.run.dir={run_dir}", f"runs_dir={runs_dir}", *overrides])
+    args = [f"hydra.run.dir={run_dir}", f"runs_dir={runs_dir}", "tracking=none", *overrides]
+    return run_cli(["ml_infer", *args])
 
 
 def assert_nothing_written(run_dir: Path) -> None:

@@ -1,0 +1,250 @@
+"""MLflow tracking against real stores: an embedded sqlite file and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ml_infer.evaluate import evaluate
+
+from .conftest import compose_config, run_cli
+
+SWEPT = ["standard", "tta", "ensemble"]
+
+
+def sweep(
+    tmp_path: Path, runs_dir: Path, uri: str, *extra: str
+) -> tuple[subprocess.CompletedProcess, Path]:
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "ml_infer",
+            "-m",
+            f"strategy={','.join(SWEPT)}",
+            f"runs_dir={runs_dir}",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={sweep_dir}",
+            *extra,
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, sweep_dir
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_sweep_was_tracked(uri: str, sweep_dir: Path) -> None:
+    client = client_for(uri)
+    experiment = client.get_experiment_by_name("ml_infer-digits")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and len(runs) == 4
+    by_strategy = {r.data.params["strategy.name"]: r for r in children}
+    assert set(by_strategy) == set(SWEPT)
+
+    for job, strategy in enumerate(SWEPT):
+        run = by_strategy[strategy]
+        local = json.loads((sweep_dir / f"{job}_{strategy}" / "metrics.json").read_text())
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["strategy"] == strategy
+        assert run.data.tags["data"] == "digits/test"
+        assert run.data.tags["checkpoint_sha256"] == ",".join(local["checkpoint_sha256"])
+        assert run.data.params["tta.views"] == str(local["views"])
+        assert run.data.params["ensemble.models"] == str(local["models"])
+        assert run.data.params["tta.aggregation"] == "mean"
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "nll",
+            "ece",
+            "images_per_s",
+            "forward_passes_per_image",
+            "accuracy_delta_vs_standard",
+            "mcnemar_p_vs_standard",
+        ):
+            assert run.data.metrics[key] == pytest.approx(local[key], rel=1e-9), key
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {
+            "config.yaml",
+            "predictions.csv",
+            "metrics.json",
+            "confusion_matrix.png",
+        } <= artifacts
+    parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.csv", "pareto.png"} <= parent_artifacts
+
+
+def check_report_matches_runs(sweep_dir: Path) -> None:
+    with (sweep_dir / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["strategy"] for row in rows] == SWEPT
+    for job, row in enumerate(rows):
+        local = json.loads((sweep_dir / f"{job}_{row['strategy']}" / "metrics.json").read_text())
+        for key in ("accuracy", "nll", "ece", "images_per_s", "accuracy_delta_vs_standard"):
+            assert float(row[key]) == pytest.approx(local[key], rel=1e-9), key
+    table = (sweep_dir / "comparison.md").read_text()
+    assert table.count("\n") == 2 + len(SWEPT)
+    assert (sweep_dir / "pareto.png").stat().st_size > 10_000
+
+
+def test_sweep_into_embedded_sqlite_store(runs_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    _, sweep_dir = sweep(tmp_path, runs_dir, uri)
+    check_sweep_was_tracked(uri, sweep_dir)
+    check_report_matches_runs(sweep_dir)
+    # The standard baseline was computed once (by the standard run) and reused by the others.
+    assert len(list((sweep_dir / "baselines").glob("standard_*.json"))) == 1
+    metrics = {
+        s: json.loads((sweep_dir / f"{i}_{s}" / "metrics.json").read_text())
+        for i, s in enumerate(SWEPT)
+    }
+    for strategy in ("tta", "ensemble"):
+        expected = metrics[strategy]["accuracy"] - metrics["standard"]["accuracy"]
+        assert metrics[strategy]["accuracy_delta_vs_standard"] == pytest.approx(expected, abs=1e-6)
+
+    # The report rebuilds from the MLflow experiment too.
+    out = tmp_path / "report"
+    result = run_cli(
+        ["ml_infer.report", "ml_infer-digits", "--tracking-uri", uri, "--out", str(out)]
+    )
+    assert result.returncode == 0, result.stderr
+    with (out / "comparison.csv").open() as handle:
+        assert sorted(row["strategy"] for row in csv.DictReader(handle)) == sorted(SWEPT)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free loopback port, sqlite backend, local artifact store."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    log_file = log_path.open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                log_file.close()
+                pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log_file.close()
+
+
+def test_sweep_against_a_real_mlflow_server_with_the_joblib_launcher(
+    runs_dir, tmp_path, mlflow_server
+):
+    _, sweep_dir = sweep(
+        tmp_path, runs_dir, mlflow_server, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+    )
+    check_sweep_was_tracked(mlflow_server, sweep_dir)
+    check_report_matches_runs(sweep_dir)
+
+
+def test_unreachable_store_warns_and_keeps_local_results(runs_dir, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        ["ml_infer", f"hydra.run.dir={run_dir}", f"runs_dir={runs_dir}", f"tracking.uri={uri}"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"MLflow tracking to {uri} failed" in result.stdout + result.stderr
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+
+
+def test_required_tracking_fails_after_writing_local_results(runs_dir, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [
+            "ml_infer",
+            f"hydra.run.dir={run_dir}",
+            f"runs_dir={runs_dir}",
+            f"tracking.uri={uri}",
+            "tracking.required=true",
+        ]
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if line.startswith("error: ")
+    ]
+    assert uri in result.stderr and "unreachable" in result.stderr
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+
+
+def test_tracking_none_writes_no_store(runs_dir, tmp_path):
+    cfg = compose_config(["tracking=none"], runs_dir=runs_dir)
+    evaluate(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "outputs").exists()
+    assert not list(tmp_path.rglob("*.db"))
+
+
+def test_single_run_is_tracked_in_process(runs_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = compose_config(
+        ["tracking=mlflow", f"tracking.uri={uri}", "strategy=ensemble"], runs_dir=runs_dir
+    )
+    metrics = evaluate(cfg, output_dir=tmp_path / "run")
+    client = client_for(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ml_infer-digits").experiment_id])
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.params["ensemble.checkpoints"] == json.dumps(
+        [f"{runs_dir}/fold_*/weights/best.pt"]
+    )
+    assert run.data.tags.get("git_commit") is None or len(run.data.tags["git_commit"]) == 40
