@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.data import make_loader
 from ml_infer.predictor import DatasetPredictions, Predictor, predict_dataset, resolve_device
@@ -25,10 +25,6 @@ class SingleProcessRunner:
     def __init__(self, device: str) -> None:
         self.device = resolve_device(device)
 
-    def agree(self, value: Any) -> Any:
-        """The main process's `value`, so that every process takes the same branch."""
-        return value
-
     def predict(
         self,
         predictor: Predictor,
@@ -40,22 +36,43 @@ class SingleProcessRunner:
         progress: bool = True,
         min_timing_s: float = 0.0,
     ) -> DatasetPredictions:
-        loader = make_loader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
+        """Every sample's merged prediction, and the median time of a whole pass."""
+        loader = self.prepare(
+            make_loader(
+                dataset,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
         )
-        return predict_dataset(
+        result = predict_dataset(
             predictor,
             loader,
             warmup_batches=warmup_batches,
-            progress=progress,
+            progress=progress and self.is_main_process,
+            gather=self.gather,
             n_batches=len(loader),
+            min_timing_s=min_timing_s,
+            agree=self.agree,
         )
+        # Every process times its own shard; the job is as fast as its slowest process.
+        result.wall_seconds = self.max_over_processes(result.wall_seconds)
+        return result
+
+    def prepare(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    gather = None
+
+    def agree(self, value: Any) -> Any:
+        """The main process's `value`, so that every process takes the same branch."""
+        return value
+
+    def max_over_processes(self, value: float) -> float:
+        return value
 
 
-class AccelerateRunner:
+class AccelerateRunner(SingleProcessRunner):
     def __init__(self, device: str) -> None:
         from accelerate import Accelerator
 
@@ -66,53 +83,23 @@ class AccelerateRunner:
         self.is_main_process = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
 
-    def predict(
-        self,
-        predictor: Predictor,
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        num_workers: int = 0,
-        warmup_batches: int = 1,
-        progress: bool = True,
-        min_timing_s: float = 0.0,
-    ) -> DatasetPredictions:
-        loader = make_loader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        loader = self.accelerator.prepare_data_loader(loader)
-        result = predict_dataset(
-            predictor,
-            loader,
-            warmup_batches=warmup_batches,
-            progress=progress and self.is_main_process,
-            gather=self._gather,
-            n_batches=len(loader),
-            min_timing_s=min_timing_s,
-            agree=self.agree,
-        )
-        # Every process times its own shard; the job is as fast as its slowest process.
-        result.wall_seconds = self._max_over_processes(result.wall_seconds)
-        return result
+    def prepare(self, loader: DataLoader) -> DataLoader:
+        return self.accelerator.prepare_data_loader(loader)
+
+    def gather(self, outputs: Any) -> Any:
+        return self.accelerator.gather_for_metrics(outputs)
 
     def agree(self, value: Any) -> Any:
-        """The main process's `value`, so that every process takes the same branch."""
         if self.num_processes == 1:
             return value
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list([value], from_process=0)[0]
 
-    def _gather(self, outputs: Any) -> Any:
-        return self.accelerator.gather_for_metrics(outputs)
-
-    def _max_over_processes(self, value: float) -> float:
-        import torch
-
+    def max_over_processes(self, value: float) -> float:
         if self.num_processes == 1:
             return value
+        import torch
+
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(tensor, reduction="max").item())

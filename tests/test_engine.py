@@ -140,7 +140,9 @@ def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
     predictor = predictor_for([load_classifier(fold_paths[0])], SoftVoting())
     loader = make_loader(DigitsDataset(split="test"), batch_size=100)
     once = predict_dataset(predictor, loader, progress=False)
-    repeated = predict_dataset(predictor, loader, progress=False, min_timing_s=0.2, max_timing_passes=6)
+    repeated = predict_dataset(
+        predictor, loader, progress=False, min_timing_s=0.2, max_timing_passes=6
+    )
     assert len(once.pass_seconds) == 1
     assert 1 < len(repeated.pass_seconds) <= 6
     assert repeated.wall_seconds == statistics.median(repeated.pass_seconds)
