@@ -10,6 +10,18 @@ reads without unpickling any code:
     input            {"size": [H, W], "channels": C, "mean": [...], "std": [...]}
     fold, metrics    provenance: which fold, and its validation figures
 
+Other formats load too, none of them by unpickling code:
+
+- the seed project's `best.pt` (`model_state_dict`, optional `ema_state.ema_model_state`, and its
+  run `config` with the input size and normalisation). Its numpy RNG state needs numpy's array
+  reconstruction allow-listed, nothing more (`NUMPY_DATA_GLOBALS`);
+- a plain state dict (a dict of tensors, or `{"state_dict": ...}`);
+- `.safetensors` weights.
+
+These do not say which architecture, classes or input they have: the architecture comes from
+the user's `model=` config, the classes from `checkpoint.classes` or the data set's class
+folders, the input from `checkpoint.input` (or the seed's run config).
+
 A checkpoint's `_target_` is only built when it lies under `TRUSTED_MODEL_TARGETS`; any other
 architecture is named by the user's `model=` config instead.
 """
@@ -88,6 +100,7 @@ class Classifier:
     input_spec: InputSpec
     weights: Literal["raw", "ema"]
     sha256: str
+    format: str = "ml_infer"
 
 
 def save_checkpoint(
@@ -121,6 +134,43 @@ def save_checkpoint(
     return path
 
 
+@dataclasses.dataclass
+class CheckpointFile:
+    """What one checkpoint file says about itself; None where it is silent."""
+
+    path: Path
+    sha256: str
+    format: Literal["ml_infer", "seed", "state_dict", "safetensors"]
+    state_dict: Mapping[str, torch.Tensor]
+    ema_state_dict: Mapping[str, torch.Tensor] | None = None
+    model_config: dict[str, Any] | None = None
+    classes: list[str] | None = None
+    input_spec: InputSpec | None = None
+    num_classes: int | None = None
+
+
+def _numpy_data_globals() -> list[Any]:
+    """numpy's array and scalar reconstruction: data only, no code (the seed's RNG state needs it).
+
+    Files pickled under numpy 1 name the same functions `numpy.core.*`, hence the aliases.
+    """
+    import numpy as np
+    import numpy.dtypes
+
+    reconstruct = np._core.multiarray._reconstruct
+    scalar = np._core.multiarray.scalar
+    dtype_classes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    return [
+        np.ndarray,
+        np.dtype,
+        reconstruct,
+        scalar,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        (scalar, "numpy.core.multiarray.scalar"),
+        *dtype_classes,
+    ]
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     """The checkpoint's contents and the SHA-256 of its bytes, loaded without unpickling code."""
     path = Path(path)
@@ -130,8 +180,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     digest = hashlib.sha256(data).hexdigest()
     if not data:
         raise UserError(f"checkpoint is empty: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, data), digest
     try:
-        contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_data_globals()):
+            contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL (\S+)", str(error))
         if blocked:
@@ -152,35 +205,101 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     return contents, digest
 
 
+def _read_safetensors(path: Path, data: bytes) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path} is not a valid safetensors file ({error})") from None
+
+
+def open_checkpoint(path: str | Path) -> CheckpointFile:
+    """Reads a checkpoint of any supported format and says what it describes about itself."""
+    path = Path(path)
+    contents, digest = read_checkpoint(path)
+    if path.suffix == ".safetensors":
+        return CheckpointFile(path, digest, "safetensors", contents)
+    if {"model_state_dict", "classes", "input"} <= contents.keys():
+        return CheckpointFile(
+            path,
+            digest,
+            "ml_infer",
+            contents["model_state_dict"],
+            ema_state_dict=contents.get("ema_state_dict"),
+            model_config=contents.get("model"),
+            classes=[str(name) for name in contents["classes"]],
+            input_spec=InputSpec.from_dict(contents["input"]),
+        )
+    if "model_state_dict" in contents:
+        run_config = contents.get("config") or _seed_run_config(path)
+        ema = contents.get("ema_state") or {}
+        return CheckpointFile(
+            path,
+            digest,
+            "seed",
+            contents["model_state_dict"],
+            ema_state_dict=ema.get("ema_model_state"),
+            input_spec=_seed_input_spec(run_config),
+            num_classes=_get(run_config, "model", "num_classes"),
+        )
+    state_dict = contents.get("state_dict", contents)
+    if state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        return CheckpointFile(path, digest, "state_dict", state_dict)
+    keys = ", ".join(sorted(map(str, contents))[:12])
+    raise UserError(
+        f"checkpoint {path} is not a format ml_infer reads (ml_infer's, the seed's best.pt, a "
+        f"state dict, .safetensors); its keys: {keys}"
+    )
+
+
 def load_classifier(
-    path: str | Path,
+    checkpoint: str | Path | CheckpointFile,
     *,
     use_ema: bool = False,
     model_config: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    input_spec: InputSpec | None = None,
 ) -> Classifier:
     """Builds the checkpoint's model, loads raw or EMA weights, and puts it in eval mode.
 
-    `model_config` (the user's `model=` choice) overrides the architecture the checkpoint names.
+    `model_config` (the user's `model=` choice) overrides the architecture the checkpoint names;
+    `classes` and `input_spec` describe checkpoints that do not describe themselves.
     """
-    path = Path(path)
-    contents, digest = read_checkpoint(path)
-    missing = [key for key in ("model_state_dict", "classes", "input") if key not in contents]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; not an ml_infer checkpoint")
-    classes = [str(name) for name in contents["classes"]]
-    input_spec = InputSpec.from_dict(contents["input"])
+    if not isinstance(checkpoint, CheckpointFile):
+        checkpoint = open_checkpoint(checkpoint)
+    path = checkpoint.path
+    classes = checkpoint.classes or (list(classes) if classes else None)
+    if not classes:
+        raise UserError(
+            f"checkpoint {path} ({checkpoint.format}) does not list its classes; "
+            "set checkpoint.classes=[...] or evaluate on data with class folders"
+        )
+    if checkpoint.num_classes is not None and checkpoint.num_classes != len(classes):
+        raise UserError(
+            f"checkpoint {path} was trained on {checkpoint.num_classes} classes, "
+            f"the data has {len(classes)}: {classes}"
+        )
+    input_spec = checkpoint.input_spec or input_spec
+    if input_spec is None:
+        raise UserError(
+            f"checkpoint {path} ({checkpoint.format}) does not describe its input; set "
+            "checkpoint.input.size=[H,W] checkpoint.input.mean=[...] checkpoint.input.std=[...]"
+        )
     if model_config is None:
-        model_config = contents.get("model")
+        model_config = checkpoint.model_config
         if not model_config or "_target_" not in model_config:
             raise UserError(
-                f"checkpoint {path} does not name its architecture; choose one with model="
+                f"checkpoint {path} ({checkpoint.format}) does not name its architecture; "
+                "choose one with model= (e.g. model=small_cnn or model=resnet18)"
             )
         _check_trusted(model_config, path)
         model_kwargs: dict[str, Any] = {}
     else:
         model_kwargs = {"in_channels": input_spec.channels, "num_classes": len(classes)}
     model = instantiate(dict(model_config), **model_kwargs)
-    state_dict, weights = _select_weights(contents, use_ema, path)
+    state_dict, weights = _select_weights(checkpoint, use_ema)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
@@ -191,22 +310,30 @@ def load_classifier(
         path=path,
         model=model.eval(),
         model_config=dict(model_config) | model_kwargs,
-        classes=classes,
+        classes=list(classes),
         input_spec=input_spec,
         weights=weights,
-        sha256=digest,
+        sha256=checkpoint.sha256,
+        format=checkpoint.format,
     )
 
 
 def load_ensemble(
-    paths: Sequence[str | Path],
+    checkpoints: Sequence[str | Path | CheckpointFile],
     *,
     use_ema: bool = False,
     model_config: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+    input_spec: InputSpec | None = None,
     allow_mixed_architectures: bool = False,
 ) -> list[Classifier]:
     """Loads every member; they must agree on classes, input and (by default) architecture."""
-    members = [load_classifier(p, use_ema=use_ema, model_config=model_config) for p in paths]
+    members = [
+        load_classifier(
+            c, use_ema=use_ema, model_config=model_config, classes=classes, input_spec=input_spec
+        )
+        for c in checkpoints
+    ]
     first = members[0]
     for other in members[1:]:
         if other.classes != first.classes:
@@ -226,6 +353,36 @@ def load_ensemble(
                 "set ensemble.allow_mixed_architectures=true if that is intended"
             )
     return members
+
+
+def _seed_run_config(path: Path) -> dict[str, Any]:
+    """The seed project's run config.yaml, beside the weights/ folder that holds `path`."""
+    candidate = path.parent.parent / "config.yaml"
+    if not candidate.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
+
+
+def _seed_input_spec(run_config: Mapping[str, Any]) -> InputSpec | None:
+    """Input size and normalisation from the seed's run config, if it has them."""
+    size = _get(run_config, "transforms", "test", "resize") or _get(
+        run_config, "model", "input_size"
+    )
+    mean = _get(run_config, "transforms", "test", "normalize", "mean")
+    std = _get(run_config, "transforms", "test", "normalize", "std")
+    if size is None or mean is None or std is None:
+        return None
+    return InputSpec.from_dict({"size": size, "channels": len(mean), "mean": mean, "std": std})
+
+
+def _get(config: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(config, Mapping) or key not in config:
+            return None
+        config = config[key]
+    return config
 
 
 def expand_checkpoint_paths(patterns: Sequence[str | Path]) -> list[Path]:
@@ -249,14 +406,26 @@ def expand_checkpoint_paths(patterns: Sequence[str | Path]) -> list[Path]:
 
 
 def _select_weights(
-    contents: Mapping[str, Any], use_ema: bool, path: Path
+    checkpoint: CheckpointFile, use_ema: bool
 ) -> tuple[Mapping[str, torch.Tensor], Literal["raw", "ema"]]:
     if use_ema:
-        ema = contents.get("ema_state_dict")
-        if ema:
-            return ema, "ema"
-        log.warning("checkpoint %s has no EMA weights; using its raw weights", path)
-    return contents["model_state_dict"], "raw"
+        if checkpoint.ema_state_dict:
+            return _unwrapped(checkpoint.ema_state_dict), "ema"
+        log.warning("checkpoint %s has no EMA weights; using its raw weights", checkpoint.path)
+    return _unwrapped(checkpoint.state_dict), "raw"
+
+
+def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Drops the key prefix that DataParallel / EMA wrappers ("module.") or torch.compile
+    ("_orig_mod.") add, when every key carries it.
+
+    >>> list(_unwrapped({"module.fc.weight": 1, "module.fc.bias": 2}))
+    ['fc.weight', 'fc.bias']
+    """
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+    return state_dict
 
 
 def _check_trusted(config: Any, path: Path) -> None:

@@ -1,13 +1,24 @@
-"""Labelled image data sets that ship with installed packages, and their loaders.
+"""Image data sets and their loaders.
 
-Every data set yields `(image, label, sample_id)` with images as float tensors [C, H, W] in
+- `DigitsDataset`: scikit-learn's bundled handwritten digits (the default demo, no download).
+- `ImageFolderDataset`: torchvision's class-per-folder layout, optionally split into
+  `train/ val/ test/` subfolders (the bundled textures set is written in this form).
+- `UnlabelledImages`: every image under a folder, for `mode=predict`.
+
+Every data set yields `(image, label, position)` with images as float tensors [C, H, W] in
 [0, 1] at the size and channel count the model expects; normalisation happens later, in the
-predictor, after test-time views are built. Each has `classes` (names, in label order).
+predictor, after test-time views are built. `classes` names the labels in order, `sample_ids`
+maps a position to the sample's id (`index` or `path`, as `id_name` says), and `skipped` lists
+the files that could not be used, with the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +28,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.errors import UserError, one_of
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (
+    ".bmp",
+    ".gif",
+    ".jpeg",
+    ".jpg",
+    ".pgm",
+    ".png",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
 
 
 def stratified_split(
@@ -43,6 +68,14 @@ def stratified_split(
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    """A file under a data root that is not used, and why."""
+
+    path: str
+    reason: str
+
+
 class TensorImages(Dataset):
     """Images already in memory; a batch is fetched with one indexing op, not per sample.
 
@@ -53,21 +86,32 @@ class TensorImages(Dataset):
     id_name = "index"
 
     def __init__(
-        self, images: Tensor, labels: Tensor, sample_ids: Sequence[Any], classes: Sequence[str]
+        self,
+        images: Tensor,
+        labels: Tensor,
+        sample_ids: Sequence[Any],
+        classes: Sequence[str],
+        skipped: Sequence[SkippedFile] = (),
     ):
-        self.images, self.labels = images, labels
+        self.images, self.labels = images, labels  # images: float in [0, 1], or uint8
         self.sample_ids = list(sample_ids)
         self.classes = list(classes)
+        self.skipped = list(skipped)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def pixels(self, index: Any = slice(None)) -> Tensor:
+        """Images at `index` as float [..., C, H, W] in [0, 1] (uint8 storage is converted)."""
+        images = self.images[index]
+        return images.float().div_(255.0) if images.dtype == torch.uint8 else images
+
     def __getitem__(self, position: int) -> tuple[Tensor, Tensor, int]:
-        return self.images[position], self.labels[position], position
+        return self.pixels(position), self.labels[position], position
 
     def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
         index = torch.as_tensor(positions)
-        return self.images[index], self.labels[index], index
+        return self.pixels(index), self.labels[index], index
 
 
 class DigitsDataset(TensorImages):
@@ -120,6 +164,243 @@ def fit_images(images: Tensor, *, image_size: Sequence[int] | None, channels: in
 
         return grayscale(images)
     raise UserError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
+
+
+class ImageFolderDataset(TensorImages):
+    """torchvision's ImageFolder layout: `root/[split/]<class>/**/<image>`.
+
+    When `root` has `train/`, `val/` or `test/` subfolders, `split` picks one; otherwise `root`
+    itself holds the class folders. Classes are the sorted names of the class folders; images
+    may sit in nested folders below their class folder (as torchvision allows). Any image mode
+    (grayscale, RGBA, palette, 16-bit) is converted to `channels` and resized to `image_size`.
+    Files that are not images, or that cannot be decoded, are skipped and listed in `skipped`;
+    names starting with "." are ignored. Images are decoded once, in threads, and held in
+    memory as uint8 at the model's input size (C x H x W bytes each).
+    """
+
+    id_name = "path"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "test",
+        image_size: Sequence[int] | int | None = None,
+        channels: int = 3,
+        decode_threads: int = 4,
+    ):
+        root = Path(root)
+        split_dir = _split_dir(root, split)
+        classes = sorted(
+            entry.name for entry in split_dir.iterdir() if entry.is_dir() and not _hidden(entry)
+        )
+        if not classes:
+            raise UserError(
+                f"no class folders under {split_dir}; expected {split_dir}/<class>/<image>"
+            )
+        skipped = [
+            SkippedFile(_relative(entry, root), "not inside a class folder")
+            for entry in sorted(split_dir.iterdir())
+            if entry.is_file() and not _hidden(entry)
+        ]
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            images, not_images = find_images(split_dir / name)
+            paths += images
+            labels += [label] * len(images)
+            skipped += [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
+        decoded = decode_images(
+            paths, image_size=image_size, channels=channels, threads=decode_threads
+        )
+        kept = [i for i, image in enumerate(decoded.images) if image is not None]
+        skipped += [
+            SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
+        ]
+        if not kept:
+            raise UserError(f"no readable images under {split_dir} (skipped {len(skipped)} files)")
+        for label, name in enumerate(classes):
+            if not any(labels[i] == label for i in kept):
+                log.warning("class folder %r under %s has no readable images", name, split_dir)
+        super().__init__(
+            images=torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
+            labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+            sample_ids=[_relative(paths[i], root) for i in kept],
+            classes=classes,
+            skipped=sorted(skipped, key=lambda s: s.path),
+        )
+        if self.skipped:
+            log.warning(
+                "skipped %d of %d files under %s (listed in skipped_files.csv), e.g. %s: %s",
+                len(self.skipped),
+                len(self.skipped) + len(kept),
+                split_dir,
+                self.skipped[0].path,
+                self.skipped[0].reason,
+            )
+
+
+class UnlabelledImages(TensorImages):
+    """Every image under `root` (searched recursively), for prediction without labels.
+
+    Labels are -1; `classes` is empty until the predictor's classes are known.
+    """
+
+    id_name = "path"
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: Sequence[int] | int | None = None,
+        channels: int = 3,
+        decode_threads: int = 4,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"predict.root {str(root)!r} is not a directory")
+        paths, not_images = find_images(root)
+        skipped = [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
+        decoded = decode_images(
+            paths, image_size=image_size, channels=channels, threads=decode_threads
+        )
+        kept = [i for i, image in enumerate(decoded.images) if image is not None]
+        skipped += [
+            SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
+        ]
+        if not kept:
+            raise UserError(f"no readable images under {root} (skipped {len(skipped)} files)")
+        super().__init__(
+            images=torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
+            labels=torch.full((len(kept),), -1, dtype=torch.int64),
+            sample_ids=[_relative(paths[i], root) for i in kept],
+            classes=[],
+            skipped=sorted(skipped, key=lambda s: s.path),
+        )
+
+
+def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
+    """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
+    images, others = [], []
+    for path in sorted(directory.rglob("*")):
+        if any(_hidden(part) for part in path.relative_to(directory).parts) or not path.is_file():
+            continue
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return images, others
+
+
+@dataclasses.dataclass
+class DecodedImages:
+    images: list[np.ndarray | None]  # uint8 [C, H, W], None where decoding failed
+    errors: dict[int, str]
+
+    @property
+    def failed(self) -> list[int]:
+        return sorted(self.errors)
+
+
+def decode_images(
+    paths: Sequence[Path],
+    *,
+    image_size: Sequence[int] | int | None,
+    channels: int,
+    threads: int = 4,
+) -> DecodedImages:
+    """Decodes, converts and resizes every file; failures are recorded, never raised."""
+    size = _size_pair(image_size)
+    if size is None and paths:
+        size = _common_size(paths)
+
+    def decode(path: Path) -> np.ndarray | str:
+        try:
+            return read_image(path, size=size, channels=channels)
+        except Exception as error:  # PIL raises many types for bad files
+            return (
+                f"unreadable image ({type(error).__name__}: {' '.join(str(error).split())[:120]})"
+            )
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(decode, paths))
+    images = [r if isinstance(r, np.ndarray) else None for r in results]
+    errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+    return DecodedImages(images, errors)
+
+
+def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarray:
+    """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        image = _to_8bit(image)
+        if channels == 1:
+            image = image.convert("L")
+        elif channels == 3:
+            if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+                image = image.convert("RGBA").convert("RGB")
+            image = image.convert("RGB")
+        else:
+            raise UserError(f"image channels must be 1 or 3, got {channels}")
+        if image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def _to_8bit(image: Any) -> Any:
+    """16-bit, 32-bit integer and float images scaled to 8 bits (PIL's convert would clip them)."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return Image.fromarray(np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise UserError(f"data.root {str(root)!r} is not a directory")
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        return root  # no split folders: root holds the class folders
+    if split not in present:
+        raise UserError(f"no split {split!r} under {root}; found: {', '.join(present)}")
+    return root / split
+
+
+def _size_pair(image_size: Sequence[int] | int | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = (int(v) for v in image_size)
+    return (height, width)
+
+
+def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
+    from PIL import Image
+
+    sizes = set()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.add((image.height, image.width))
+        except Exception:  # reported when decoding
+            continue
+    if len(sizes) != 1:
+        raise UserError(
+            f"images differ in size ({len(sizes)} sizes); set data.dataset.image_size=[H,W]"
+        )
+    return sizes.pop()
+
+
+def _hidden(entry: Path | str) -> bool:
+    return (entry.name if isinstance(entry, Path) else entry).startswith(".")
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:

@@ -7,10 +7,8 @@ before loading a model, and writes nothing until the results are complete.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,10 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from ml_infer.config import instantiate_named
 from ml_infer.errors import UserError, one_of
+from ml_infer.outputs import (
+    write_json,
+    write_predictions,
+    write_skipped,
+    write_unlabelled_predictions,
+)
 
 log = logging.getLogger(__name__)
 
 RUNNERS = ("single", "accelerate")
+MODES = ("evaluate", "predict")
 
 
 def build_views(augmentations: Sequence[Any]):
@@ -52,16 +57,23 @@ def build_aggregators(cfg: DictConfig, n_models: int):
 
 
 def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Scores the configured strategy and writes `metrics.json` and `predictions.csv`.
+    """Runs the configured strategy and writes its results into `output_dir`.
 
-    `output_dir` defaults to the Hydra run directory. Returns the metrics written.
+    `mode=evaluate` scores labelled data (`metrics.json`, `predictions.csv`,
+    `confusion_matrix.png`); `mode=predict` labels a folder of images (`predictions.csv`, and
+    `metrics.json` with the speed figures). `output_dir` defaults to the Hydra run directory.
+    Returns what `metrics.json` holds.
     """
-    from ml_infer.checkpoints import expand_checkpoint_paths, load_ensemble
+    from ml_infer.checkpoints import expand_checkpoint_paths, load_ensemble, open_checkpoint
     from ml_infer.predictor import Predictor, resolve_autocast_dtype
 
     strategy = cfg.strategy
+    if cfg.mode not in MODES:
+        raise one_of("mode", cfg.mode, MODES)
     if strategy.runner not in RUNNERS:
         raise one_of("strategy.runner", strategy.runner, RUNNERS)
+    if cfg.mode == "predict" and not cfg.predict.root:
+        raise UserError("mode=predict needs predict.root=DIR, a folder of images")
     views = build_views(cfg.tta.augmentations)
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
@@ -73,17 +85,22 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     import torch
 
     torch.manual_seed(cfg.seed)
-    model_config = None
-    if cfg.get("model") is not None:
-        model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
+    input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
+    dataset = _load_data(cfg, input_spec)
     members = load_ensemble(
-        checkpoint_paths,
+        checkpoints,
         use_ema=cfg.use_ema,
-        model_config=model_config,
+        model_config=None
+        if cfg.get("model") is None
+        else OmegaConf.to_container(cfg.model, resolve=True),
+        classes=checkpoints[0].classes or cfg.checkpoint.classes or dataset.classes,
+        input_spec=input_spec,
         allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
     )
-    input_spec = members[0].input_spec
-    dataset = _load_data(cfg, input_spec, members[0].classes)
+    classes = members[0].classes
+    if cfg.mode == "evaluate":
+        check_same_classes(dataset.classes, classes)
     predictor = Predictor(
         [member.model for member in members],
         views,
@@ -96,7 +113,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         channels_last=cfg.engine.channels_last,
     )
     log.info(
-        "%s: %d view(s) x %d model(s) = %d forward passes per image, %s on %s, %d %s images",
+        "%s: %d view(s) x %d model(s) = %d forward passes per image, %s on %s, %d images",
         strategy.name,
         len(views),
         len(members),
@@ -104,7 +121,6 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         predictor.precision_name,
         runner.device,
         len(dataset),
-        cfg.data.split,
     )
     result = runner.predict(
         predictor,
@@ -116,27 +132,17 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         min_timing_s=cfg.engine.min_timing_s,
     )
     output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
-    baseline_correct = standard_baseline(cfg, predictor, members, dataset, runner, result)
+    if cfg.mode == "evaluate":
+        baseline_correct = standard_baseline(cfg, predictor, members, dataset, runner, result)
     if not runner.is_main_process:
         return {}
 
-    from ml_infer.metrics import (
-        classification_metrics,
-        mcnemar_p_value,
-        paired_bootstrap_delta,
-        speed_metrics,
-    )
+    from ml_infer.metrics import speed_metrics
 
-    correct = correct_by_position(result)
-    delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=cfg.seed)
     metrics: dict[str, Any] = {
         "strategy": strategy.name,
+        "mode": cfg.mode,
         "n": len(result.labels),
-        **classification_metrics(result.probs, result.preds, result.labels),
-        "accuracy_delta_vs_standard": delta,
-        "accuracy_delta_ci95_low": delta_low,
-        "accuracy_delta_ci95_high": delta_high,
-        "mcnemar_p_vs_standard": mcnemar_p_value(correct, baseline_correct),
         **speed_metrics(len(result.labels), result.wall_seconds, result.batch_seconds),
         "timed_passes": len(result.pass_seconds),
         "forward_passes_per_image": predictor.forward_passes_per_image,
@@ -155,30 +161,70 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "processes": runner.num_processes,
         "device": str(runner.device),
         "torch_threads": torch.get_num_threads(),
-        "data": cfg.data.name,
-        "split": cfg.data.split,
+        "data": cfg.data.name if cfg.mode == "evaluate" else "folder",
+        "split": cfg.data.split if cfg.mode == "evaluate" else str(cfg.predict.root),
+        "skipped_files": len(dataset.skipped),
         "weights": sorted({member.weights for member in members}),
         "checkpoints": [str(member.path) for member in members],
+        "checkpoint_format": members[0].format,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
     }
-    write_predictions(output_dir / "predictions.csv", result, dataset)
-    from ml_infer.report import plot_confusion_matrix
+    write_skipped(output_dir / "skipped_files.csv", dataset.skipped)
+    if cfg.mode == "predict":
+        predicted = result.preds.bincount(minlength=len(classes)).tolist()
+        metrics["predicted_counts"] = dict(zip(classes, predicted))
+        metrics["mean_confidence"] = float(result.probs.max(dim=1).values.mean())
+        write_unlabelled_predictions(output_dir / "predictions.csv", result, dataset, classes)
+    else:
+        metrics |= _scores(cfg, result, baseline_correct)
+        write_predictions(output_dir / "predictions.csv", result, dataset, classes)
+        from ml_infer.report import plot_confusion_matrix
 
-    plot_confusion_matrix(
-        result.labels,
-        result.preds,
-        dataset.classes,
-        output_dir / "confusion_matrix.png",
-        title=f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
-        f"on {cfg.data.name}/{cfg.data.split}",
-    )
+        plot_confusion_matrix(
+            result.labels,
+            result.preds,
+            classes,
+            output_dir / "confusion_matrix.png",
+            title=f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
+            f"on {cfg.data.name}/{cfg.data.split}",
+        )
     write_json(output_dir / "metrics.json", metrics)
 
     from ml_infer.tracking import log_evaluation
 
     log_evaluation(cfg, metrics, output_dir)
     return metrics
+
+
+def _scores(cfg: DictConfig, result: Any, baseline_correct: Any) -> dict[str, Any]:
+    """Accuracy, calibration, and the paired comparison with the standard baseline."""
+    from ml_infer.metrics import classification_metrics, mcnemar_p_value, paired_bootstrap_delta
+
+    correct = correct_by_position(result)
+    delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=cfg.seed)
+    return {
+        **classification_metrics(result.probs, result.preds, result.labels),
+        "accuracy_delta_vs_standard": delta,
+        "accuracy_delta_ci95_low": delta_low,
+        "accuracy_delta_ci95_high": delta_high,
+        "mcnemar_p_vs_standard": mcnemar_p_value(correct, baseline_correct),
+    }
+
+
+def configured_input_spec(cfg: DictConfig, path: Path):
+    """`checkpoint.input` for checkpoints that do not describe their input themselves."""
+    from ml_infer.checkpoints import InputSpec
+
+    given = cfg.checkpoint.input
+    if given.size is None or given.mean is None or given.std is None:
+        raise UserError(
+            f"checkpoint {path} does not describe its input; set checkpoint.input.size=[H,W] "
+            "checkpoint.input.mean=[...] checkpoint.input.std=[...] (one value per channel)"
+        )
+    return InputSpec.from_dict(
+        {"size": given.size, "channels": len(given.mean), "mean": given.mean, "std": given.std}
+    )
 
 
 def correct_by_position(result: Any):
@@ -259,22 +305,28 @@ def _sweep_dir() -> Path | None:
     return None
 
 
-def _load_data(cfg: DictConfig, input_spec: Any, model_classes: list[str]):
-    from ml_infer.data import build_dataset
+def _load_data(cfg: DictConfig, input_spec: Any):
+    """The labelled split to score, or the folder to predict, at the model's input size."""
+    from ml_infer.data import UnlabelledImages, build_dataset
 
-    dataset = build_dataset(
-        cfg.data, cfg.data.split, image_size=list(input_spec.size), channels=input_spec.channels
-    )
-    if list(dataset.classes) != list(model_classes):
-        only_data = sorted(set(dataset.classes) - set(model_classes))
-        only_model = sorted(set(model_classes) - set(dataset.classes))
-        detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
-        if not only_data and not only_model:
-            detail = (
-                f"same names in another order: data {dataset.classes}, checkpoint {model_classes}"
-            )
-        raise UserError(f"the data's classes differ from the checkpoint's ({detail})")
-    return dataset
+    fit = {"image_size": list(input_spec.size), "channels": input_spec.channels}
+    if cfg.mode == "predict":
+        return UnlabelledImages(cfg.predict.root, **fit, decode_threads=cfg.predict.decode_threads)
+    return build_dataset(cfg.data, cfg.data.split, **fit)
+
+
+def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]) -> None:
+    if list(data_classes) == list(model_classes):
+        return
+    only_data = sorted(set(data_classes) - set(model_classes))
+    only_model = sorted(set(model_classes) - set(data_classes))
+    detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
+    if not only_data and not only_model:
+        detail = (
+            f"same names in another order: data {list(data_classes)}, "
+            f"checkpoint {list(model_classes)}"
+        )
+    raise UserError(f"the data's classes differ from the checkpoint's ({detail})")
 
 
 def _build_runner(name: str, device: str):
@@ -299,34 +351,3 @@ def _hydra_output_dir() -> Path:
     if not HydraConfig.initialized():
         raise UserError("evaluate() outside a Hydra run needs an output_dir")
     return Path(HydraConfig.get().runtime.output_dir)
-
-
-def write_json(path: Path, payload: Mapping[str, Any]) -> None:
-    """Writes JSON atomically: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, path)
-
-
-def write_predictions(path: Path, result: Any, dataset: Any) -> None:
-    """One row per image: its id, true and predicted class names, then each class's probability."""
-    classes = list(dataset.classes)
-    sample_ids = dataset.sample_ids
-    order = result.positions.argsort()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([dataset.id_name, "label", "pred", *(f"prob_{name}" for name in classes)])
-        probs = result.probs[order].tolist()
-        for row, i in enumerate(order.tolist()):
-            writer.writerow(
-                [
-                    sample_ids[int(result.positions[i])],
-                    classes[int(result.labels[i])],
-                    classes[int(result.preds[i])],
-                    *(f"{p:.6g}" for p in probs[row]),
-                ]
-            )
-    os.replace(partial, path)

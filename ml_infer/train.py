@@ -72,7 +72,7 @@ def train_folds(cfg: DictConfig) -> list[Path]:
         raise UserError(f"folds must be at least 2 (k-fold cross-validation), got {cfg.folds}")
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data, "train", **_fit_kwargs(cfg))
-    images, labels = dataset.images, dataset.labels
+    images, labels = dataset.pixels(), dataset.labels
     channels = images.shape[1]
     input_spec = InputSpec(
         size=tuple(images.shape[-2:]),
