@@ -33,6 +33,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def summary(metrics: dict[str, Any]) -> str:
     """A few readable lines of the figures a user compares strategies by."""
     m = metrics
+    speed = (
+        f"  {m['images_per_s']:.0f} images/s  batch latency p50 {m['latency_ms_p50']:.1f} ms, "
+        f"p95 {m['latency_ms_p95']:.1f} ms  peak memory {m['peak_mem_mb']:.0f} MB"
+    )
+    if m["mode"] == "predict":
+        counts = ", ".join(f"{name} {count}" for name, count in m["predicted_counts"].items())
+        return "\n".join(
+            [
+                f"{m['strategy']} predicted {m['n']} images of {m['split']} "
+                f"({m['skipped_files']} files skipped): {m['views']} view(s) x {m['models']} "
+                f"model(s), {m['precision']} on {m['device']}",
+                f"  predicted: {counts}; mean confidence {m['mean_confidence']:.3f}",
+                speed,
+            ]
+        )
     return "\n".join(
         [
             f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): "
@@ -45,8 +60,7 @@ def summary(metrics: dict[str, Any]) -> str:
             f"  vs standard: accuracy {m['accuracy_delta_vs_standard']:+.4f} (95% CI "
             f"{m['accuracy_delta_ci95_low']:+.4f} to {m['accuracy_delta_ci95_high']:+.4f}), "
             f"McNemar p = {m['mcnemar_p_vs_standard']:.3g}",
-            f"  {m['images_per_s']:.0f} images/s  batch latency p50 {m['latency_ms_p50']:.1f} ms, "
-            f"p95 {m['latency_ms_p95']:.1f} ms  peak memory {m['peak_mem_mb']:.0f} MB",
+            speed,
         ]
     )
 

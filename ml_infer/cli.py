@@ -1,0 +1,211 @@
+"""`ml-inference`: the seed project's command-line flags, mapped onto the Hydra config.
+
+    ml-inference --checkpoint_path runs/digits/fold_0/weights/best.pt --tta
+    ml-inference --ensemble runs/digits/fold_0/weights/best.pt runs/digits/fold_1/weights/best.pt
+    ml-inference --predict photos/ --checkpoint_path best.pt tracking=none
+
+The flags become Hydra overrides (printed as the equivalent `python -m ml_infer ...` command)
+and run through the same entry point, so there is no second code path. Parsing imports neither
+torch nor Hydra: `--help` and flag errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ml_infer.config import options
+
+SPLITS = ("train", "val", "test")
+# The seed calls hard voting over views "voting"; ml_infer's TTA aggregation is named "vote".
+TTA_AGGREGATION_ALIASES = {"voting": "vote"}
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]+$")
+_OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][A-Za-z0-9_.@/-]*=")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ml-inference",
+        description="Evaluate an inference strategy with the seed project's flags "
+        "(each maps onto a `python -m ml_infer` override, printed before the run).",
+        epilog="Trailing Hydra overrides pass through unchanged, e.g. tracking=none "
+        "engine.forward_batch_size=128. See README.md for the config groups.",
+    )
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
+        "--checkpoint_path",
+        "--checkpoint-path",
+        metavar="PATH",
+        help="one checkpoint (.pt, the seed's best.pt, or .safetensors)",
+    )
+    weights.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="PATH",
+        help="several checkpoints to ensemble (paths or glob patterns)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=options("strategy"),
+        help="a strategy preset (default: inferred from --tta / --ensemble)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation (the seed's seven augmentations unless "
+        "--tta-augmentations says otherwise)",
+    )
+    parser.add_argument(
+        "--tta-augmentations",
+        nargs="+",
+        metavar="NAME",
+        choices=options("augmentation"),
+        help=f"augmentations to add to the identity view: {', '.join(options('augmentation'))}",
+    )
+    parser.add_argument(
+        "--tta-aggregation",
+        choices=[*options("tta_aggregation"), *TTA_AGGREGATION_ALIASES],
+        help="how views merge (voting = vote)",
+    )
+    parser.add_argument(
+        "--ensemble-aggregation",
+        choices=options("ensemble_aggregation"),
+        help="how models merge (default: soft_voting; weighted with --ensemble-weights)",
+    )
+    parser.add_argument(
+        "--ensemble-weights",
+        nargs="+",
+        type=float,
+        metavar="W",
+        help="one weight per checkpoint (normalised to sum to 1)",
+    )
+    parser.add_argument(
+        "--use-ema", "--use_ema", action="store_true", help="use the checkpoints' EMA weights"
+    )
+    parser.add_argument(
+        "--data_dir",
+        "--data-dir",
+        metavar="DIR",
+        help="labelled images in ImageFolder layout (DIR/[split/]<class>/<image>)",
+    )
+    parser.add_argument("--split", choices=SPLITS, help="which split of the data (default: test)")
+    parser.add_argument(
+        "--predict",
+        metavar="DIR",
+        help="predict the images of DIR (no labels needed) instead of scoring",
+    )
+    parser.add_argument(
+        "--batch-size", "--batch_size", type=_positive_int, metavar="N", help="images per batch"
+    )
+    parser.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="run a Hydra sweep over comma-separated override values",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="Hydra overrides, e.g. tracking=none"
+    )
+    return parser
+
+
+def to_overrides(args: argparse.Namespace) -> list[str]:
+    """The Hydra overrides that mean what the flags say."""
+    strategy = args.strategy
+    if strategy is None:
+        wants_tta = args.tta or bool(args.tta_augmentations)
+        if args.ensemble:
+            strategy = "tta_ensemble" if wants_tta else "ensemble"
+        elif wants_tta:
+            strategy = "tta"
+    overrides = [f"strategy={strategy}"] if strategy else []
+    if args.checkpoint_path:
+        overrides.append(f"ensemble.checkpoints={_list([args.checkpoint_path])}")
+    if args.ensemble:
+        overrides.append(f"ensemble.checkpoints={_list(args.ensemble)}")
+    if args.tta_augmentations:
+        overrides.append(f"tta.augmentations={_list(args.tta_augmentations)}")
+    if args.tta_aggregation:
+        name = TTA_AGGREGATION_ALIASES.get(args.tta_aggregation, args.tta_aggregation)
+        overrides.append(f"tta.aggregation={name}")
+    if args.ensemble_weights:
+        overrides.append(f"ensemble.weights=[{','.join(f'{w:g}' for w in args.ensemble_weights)}]")
+        if not args.ensemble_aggregation:
+            overrides.append("ensemble.aggregation=weighted")
+    if args.ensemble_aggregation:
+        overrides.append(f"ensemble.aggregation={args.ensemble_aggregation}")
+    if args.use_ema:
+        overrides.append("use_ema=true")
+    if args.data_dir:
+        overrides += ["data=imagefolder", f"data.root={_quote(args.data_dir)}"]
+    if args.split:
+        overrides.append(f"data.split={args.split}")
+    if args.predict:
+        overrides += ["mode=predict", f"predict.root={_quote(args.predict)}"]
+    if args.batch_size:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    if args.device:
+        overrides.append(f"device={_quote(args.device)}")
+    return overrides + list(args.overrides)
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separates Hydra overrides (`key=value`) from flags, wherever they stand: a trailing
+    override after `--ensemble a.pt b.pt` is not a checkpoint. A token naming an existing file
+    stays a flag value.
+
+    >>> split_overrides(["--ensemble", "a.pt", "b.pt", "tracking=none"])
+    (['--ensemble', 'a.pt', 'b.pt'], ['tracking=none'])
+    """
+    flags, overrides = [], []
+    for token in argv:
+        is_override = _OVERRIDE.match(token) and not Path(token).exists()
+        (overrides if is_override else flags).append(token)
+    return flags, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    flags, hydra_overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(flags)
+    args.overrides = [*hydra_overrides, *args.overrides]
+    overrides = to_overrides(args)
+    flags = ["-m"] if args.multirun else []
+    print("equivalent: python -m ml_infer " + shlex.join([*flags, *overrides]), flush=True)
+    from ml_infer.__main__ import main as run_hydra
+
+    sys.argv = ["ml-inference", *flags, *overrides]
+    run_hydra()
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value: plain when safe, else single-quoted with escapes.
+
+    >>> _quote("runs/fold_0/best.pt"), _quote("my runs/a,b.pt")
+    ('runs/fold_0/best.pt', "'my runs/a,b.pt'")
+    """
+    if _PLAIN_VALUE.match(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _list(values: Sequence[str]) -> str:
+    return "[" + ",".join(_quote(v) for v in values) + "]"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    main()
