@@ -1,0 +1,192 @@
+"""User image folders: any image mode, bad files skipped and reported, unlabelled prediction."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_infer.data import ImageFolderDataset, UnlabelledImages, read_image
+from ml_infer.errors import UserError
+from ml_infer.evaluate import evaluate
+
+from .conftest import compose_config
+
+MODES = ("L", "RGB", "RGBA", "P", "I;16")
+
+
+def digit_image(pixels: np.ndarray, mode: str) -> Image.Image:
+    """A real 8x8 digit scan (values 0..16) as a 32x32 image in the given PIL mode."""
+    gray = Image.fromarray((pixels * 255 / 16).astype(np.uint8), "L").resize(
+        (32, 32), Image.NEAREST
+    )
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # full 16-bit range
+    if mode == "P":
+        return gray.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    if mode == "RGBA":
+        rgba = gray.convert("RGBA")
+        rgba.putalpha(255)
+        return rgba
+    return gray.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory) -> tuple[Path, dict[str, str], int]:
+    """ROOT/test/<digit>/ with test-split digits in mixed modes, plus files that must be skipped.
+
+    Returns the root, the skipped files with their reasons, and the number of good images.
+    """
+    from ml_infer.data import DigitsDataset
+
+    root = tmp_path_factory.mktemp("messy")
+    test = DigitsDataset(split="test")
+    good = 0
+    for position in range(0, 120):
+        label = int(test.labels[position])
+        pixels = (test.images[position, 0].numpy() * 16).round()
+        folder = root / "test" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        mode = MODES[position % len(MODES)]
+        suffix = ".PNG" if position % 7 == 0 else ".png"  # uppercase extensions count too
+        digit_image(pixels, mode).save(
+            folder / f"scan_{position:03d}_{mode.replace(';', '')}{suffix}"
+        )
+        good += 1
+    nested = root / "test" / "4" / "more_scans"  # images nested below a class folder belong to it
+    nested.mkdir()
+    digit_image((test.images[test.labels == 4][0, 0].numpy() * 16).round(), "L").save(
+        nested / "deep.png"
+    )
+    good += 1
+    (root / "test" / "7" / "empty.jpg").write_bytes(b"")
+    (root / "test" / "7" / "notes.txt").write_text("labelling notes")
+    (root / "test" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "test" / "README.md").write_text("not inside a class folder")
+    (root / "test" / "2" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: ignored silently
+    skipped = {
+        "test/7/empty.jpg": "unreadable image",
+        "test/7/notes.txt": "not an image file",
+        "test/3/broken.png": "unreadable image",
+        "test/README.md": "not inside a class folder",
+    }
+    return root, skipped, good
+
+
+def test_messy_folder_loads_every_good_image_and_lists_the_bad_ones(messy_folder):
+    root, skipped, good = messy_folder
+    dataset = ImageFolderDataset(root, split="test", image_size=[8, 8], channels=1)
+    assert dataset.classes == [str(d) for d in range(10)]
+    assert len(dataset) == good
+    assert {s.path: s.reason.split(" (")[0] for s in dataset.skipped} == skipped
+    assert "test/4/more_scans/deep.png" in dataset.sample_ids
+    assert dataset.pixels().shape == (good, 1, 8, 8)
+    assert 0.0 <= float(dataset.pixels().min()) and float(dataset.pixels().max()) <= 1.0
+
+
+def test_every_image_mode_reads_to_the_same_pixels(tmp_path):
+    pixels = np.arange(64).reshape(8, 8) % 17
+    reference = None
+    for mode in MODES:
+        path = tmp_path / f"{mode.replace(';', '')}.png"
+        digit_image(pixels, mode).save(path)
+        for channels in (1, 3):
+            array = read_image(path, size=(32, 32), channels=channels)
+            assert array.shape == (channels, 32, 32) and array.dtype == np.uint8
+        gray = read_image(path, size=(32, 32), channels=1)[0].astype(int)
+        reference = gray if reference is None else reference
+        assert np.abs(gray - reference).max() <= 1, (
+            mode
+        )  # 16-bit scaled, palette mapped, alpha dropped
+
+
+def test_evaluation_on_the_messy_folder_completes_and_reports_skips(
+    messy_folder, runs_dir, tmp_path
+):
+    root, skipped, good = messy_folder
+    cfg = compose_config(
+        ["strategy=ensemble", "data=imagefolder", f"data.root={root}"], runs_dir=runs_dir
+    )
+    metrics = evaluate(cfg, output_dir=tmp_path)
+    assert metrics["n"] == good and metrics["skipped_files"] == len(skipped)
+    assert metrics["accuracy"] > 0.85  # real digits, resized 8 -> 32 -> 8
+    with (tmp_path / "skipped_files.csv").open() as handle:
+        assert {row["path"] for row in csv.DictReader(handle)} == set(skipped)
+    with (tmp_path / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0])[:3] == ["path", "label", "pred"] and len(rows) == good
+
+
+def test_predict_mode_matches_the_labelled_run(messy_folder, runs_dir, tmp_path):
+    root, skipped, good = messy_folder
+    common = [
+        "strategy=tta",
+        "tta=intensity",
+        f"ensemble.checkpoints=[{runs_dir}/fold_1/weights/best.pt]",
+    ]
+    evaluate(
+        compose_config([*common, "data=imagefolder", f"data.root={root}"], runs_dir=runs_dir),
+        output_dir=tmp_path / "labelled",
+    )
+    predicted = evaluate(
+        compose_config(
+            [*common, "mode=predict", f"predict.root={root / 'test'}"], runs_dir=runs_dir
+        ),
+        output_dir=tmp_path / "predict",
+    )
+    with (tmp_path / "labelled" / "predictions.csv").open() as handle:
+        labelled = {row["path"].removeprefix("test/"): row for row in csv.DictReader(handle)}
+    with (tmp_path / "predict" / "predictions.csv").open() as handle:
+        unlabelled = {row["path"]: row for row in csv.DictReader(handle)}
+    assert unlabelled.keys() == labelled.keys() and len(unlabelled) == good
+    for path, row in unlabelled.items():
+        assert row["pred"] == labelled[path]["pred"]
+        probs = [float(row[f"prob_{c}"]) for c in range(10)]
+        assert probs == [float(labelled[path][f"prob_{c}"]) for c in range(10)]
+        assert float(row["prob"]) == max(probs)
+        assert float(row["entropy"]) == pytest.approx(
+            -sum(p * np.log(p) for p in probs if p > 0), abs=1e-4
+        )
+    assert predicted["mode"] == "predict" and "accuracy" not in predicted
+    assert sum(predicted["predicted_counts"].values()) == good
+    # README.md is skipped here too, as "not an image file": predict mode has no class folders.
+    predict_metrics = json.loads((tmp_path / "predict" / "metrics.json").read_text())
+    assert predict_metrics["skipped_files"] == len(skipped)
+
+
+def test_class_names_must_match_the_checkpoint(tmp_path, runs_dir):
+    for name in ("0", "1", "cat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        digit_image(np.eye(8) * 16, "L").save(tmp_path / "data" / name / "a.png")
+    cfg = compose_config(["data=imagefolder", f"data.root={tmp_path / 'data'}"], runs_dir=runs_dir)
+    with pytest.raises(UserError, match=r"only in data: \['cat'\]; only in checkpoint: \['2', '3'"):
+        evaluate(cfg, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: None, "is not a directory"),
+        (lambda root: root.mkdir(), "no class folders"),
+        (lambda root: (root / "train" / "a").mkdir(parents=True), "no split 'test'"),
+        (
+            lambda root: ((root / "a").mkdir(parents=True), (root / "a" / "x.txt").write_text("")),
+            "no readable images",
+        ),
+    ],
+)
+def test_unusable_folders_are_clear_errors(tmp_path, make, message):
+    root = tmp_path / "root"
+    make(root)
+    with pytest.raises(UserError, match=message):
+        ImageFolderDataset(root, split="test", image_size=8, channels=1)
+
+
+def test_unlabelled_images_need_a_readable_folder(tmp_path):
+    with pytest.raises(UserError, match="is not a directory"):
+        UnlabelledImages(tmp_path / "missing", image_size=8, channels=1)
