@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STRATEGIES ?= standard,mixed_precision,tta,ensemble,tta_ensemble
 
-.PHONY: install demo train test lint clean compare mlflow-ui
+.PHONY: install demo train test lint clean compare mlflow-ui textures train-textures demo-textures
 
 install: $(STAMP)
 
@@ -25,6 +25,20 @@ train: runs/digits/fold_4/weights/best.pt
 demo: train
 	$(PY) -m ml_infer -m strategy=$(DEMO_STRATEGIES)
 
+# The second bundled set: texture patches where flips and rotations preserve the label.
+datasets/textures/test: | $(STAMP)
+	$(PY) scripts/make_textures.py
+
+textures: datasets/textures/test
+
+runs/textures/fold_4/weights/best.pt: | datasets/textures/test
+	$(VENV)/bin/ml-infer-train data=textures folds=5 epochs=15
+
+train-textures: runs/textures/fold_4/weights/best.pt
+
+demo-textures: train-textures
+	$(PY) -m ml_infer -m data=textures strategy=standard,tta,ensemble,tta_ensemble
+
 compare: train
 	$(PY) -m ml_infer -m +experiment=compare_all
 
@@ -39,4 +53,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check ml_infer tests scripts
 
 clean:
-	rm -rf outputs runs
+	rm -rf outputs runs datasets

@@ -77,11 +77,36 @@ def _hydra_entry(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when launched alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def side_process_overrides(rank: int) -> list[str]:
+    """Under torchrun every rank runs Hydra; only rank 0 may write into outputs/. The others get a
+    private scratch run directory, no .hydra/ copy, and warnings-only logging."""
+    import atexit
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=f"ml_infer_rank{rank}_")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return [
+        f"hydra.run.dir={scratch}/run",
+        f"hydra.sweep.dir={scratch}/sweep",
+        "hydra.output_subdir=null",
+        "hydra.job_logging.root.level=WARNING",
+    ]
+
+
 def main() -> None:
     try:
         check_overrides(sys.argv[1:])
     except UserError as error:
         exit_with(error)
+    rank = process_rank()
+    if rank > 0:
+        sys.argv += side_process_overrides(rank)
     _hydra_entry()
 
 

@@ -76,9 +76,9 @@ class AccelerateRunner(SingleProcessRunner):
     def __init__(self, device: str) -> None:
         from accelerate import Accelerator
 
-        if device not in ("auto", "cpu"):
-            resolve_device(device)  # a clear error when CUDA is asked for but missing
-        self.accelerator = Accelerator(cpu=device == "cpu")
+        # Accelerate shards over CPU processes (gloo) only when told to use the CPU.
+        use_cpu = resolve_device(device).type == "cpu"
+        self.accelerator = Accelerator(cpu=use_cpu)
         self.device = self.accelerator.device
         self.is_main_process = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes

@@ -248,12 +248,17 @@ def _parent_run_id() -> str | None:
     return json.loads(marker.read_text())["run_id"] if marker.is_file() else None
 
 
+def _side_process() -> bool:
+    """A rank other than 0 of a torchrun / accelerate launch: it neither reports nor tracks."""
+    return int(os.environ.get("RANK", "0")) > 0
+
+
 class SweepTracking(Callback):
     """Opens the sweep's parent MLflow run, and writes and logs the comparison when it ends."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = config.get("tracking")
-        if not enabled(tracking):
+        if not enabled(tracking) or _side_process():
             return
         marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
         marker.unlink(missing_ok=True)  # a reused sweep dir must not nest runs under an old parent
@@ -267,6 +272,8 @@ class SweepTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ml_infer.report import markdown_table, write_comparison
 
+        if _side_process():
+            return
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_comparison(sweep_dir)
         if rows:
