@@ -208,34 +208,20 @@ class ImageFolderDataset(TensorImages):
             paths += images
             labels += [label] * len(images)
             skipped += [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
-        decoded = decode_images(
-            paths, image_size=image_size, channels=channels, threads=decode_threads
+        loaded = _load_images(
+            paths,
+            labels,
+            skipped,
+            root=root,
+            where=split_dir,
+            image_size=image_size,
+            channels=channels,
+            threads=decode_threads,
         )
-        kept = [i for i, image in enumerate(decoded.images) if image is not None]
-        skipped += [
-            SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
-        ]
-        if not kept:
-            raise UserError(f"no readable images under {split_dir} (skipped {len(skipped)} files)")
         for label, name in enumerate(classes):
-            if not any(labels[i] == label for i in kept):
+            if not (loaded["labels"] == label).any():
                 log.warning("class folder %r under %s has no readable images", name, split_dir)
-        super().__init__(
-            images=torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
-            labels=torch.tensor([labels[i] for i in kept], dtype=torch.int64),
-            sample_ids=[_relative(paths[i], root) for i in kept],
-            classes=classes,
-            skipped=sorted(skipped, key=lambda s: s.path),
-        )
-        if self.skipped:
-            log.warning(
-                "skipped %d of %d files under %s (listed in skipped_files.csv), e.g. %s: %s",
-                len(self.skipped),
-                len(self.skipped) + len(kept),
-                split_dir,
-                self.skipped[0].path,
-                self.skipped[0].reason,
-            )
+        super().__init__(**loaded, classes=classes)
 
 
 class UnlabelledImages(TensorImages):
@@ -258,22 +244,17 @@ class UnlabelledImages(TensorImages):
             raise UserError(f"predict.root {str(root)!r} is not a directory")
         paths, not_images = find_images(root)
         skipped = [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
-        decoded = decode_images(
-            paths, image_size=image_size, channels=channels, threads=decode_threads
+        loaded = _load_images(
+            paths,
+            [-1] * len(paths),
+            skipped,
+            root=root,
+            where=root,
+            image_size=image_size,
+            channels=channels,
+            threads=decode_threads,
         )
-        kept = [i for i, image in enumerate(decoded.images) if image is not None]
-        skipped += [
-            SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
-        ]
-        if not kept:
-            raise UserError(f"no readable images under {root} (skipped {len(skipped)} files)")
-        super().__init__(
-            images=torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
-            labels=torch.full((len(kept),), -1, dtype=torch.int64),
-            sample_ids=[_relative(paths[i], root) for i in kept],
-            classes=[],
-            skipped=sorted(skipped, key=lambda s: s.path),
-        )
+        super().__init__(**loaded, classes=[])
 
 
 def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
@@ -356,6 +337,42 @@ def _to_8bit(image: Any) -> Any:
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return image
+
+
+def _load_images(
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    skipped: list[SkippedFile],
+    *,
+    root: Path,
+    where: Path,
+    image_size: Sequence[int] | int | None,
+    channels: int,
+    threads: int,
+) -> dict[str, Any]:
+    """`TensorImages` arguments for the files that decode; the others join the skipped list."""
+    decoded = decode_images(paths, image_size=image_size, channels=channels, threads=threads)
+    kept = [i for i, image in enumerate(decoded.images) if image is not None]
+    skipped = skipped + [
+        SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
+    ]
+    if not kept:
+        raise UserError(f"no readable images under {where} (skipped {len(skipped)} files)")
+    if skipped:
+        log.warning(
+            "skipped %d of %d files under %s (listed in skipped_files.csv), e.g. %s: %s",
+            len(skipped),
+            len(skipped) + len(kept),
+            where,
+            skipped[0].path,
+            skipped[0].reason,
+        )
+    return {
+        "images": torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
+        "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+        "sample_ids": [_relative(paths[i], root) for i in kept],
+        "skipped": sorted(skipped, key=lambda entry: entry.path),
+    }
 
 
 def _split_dir(root: Path, split: str) -> Path:
