@@ -22,8 +22,9 @@ These do not say which architecture, classes or input they have: the architectur
 the user's `model=` config, the classes from `checkpoint.classes` or the data set's class
 folders, the input from `checkpoint.input` (or the seed's run config).
 
-A checkpoint's `_target_` is only built when it lies under `TRUSTED_MODEL_TARGETS`; any other
-architecture is named by the user's `model=` config instead.
+A checkpoint's own model config is only built when `models.check_trusted_architecture` accepts it
+(an exact allow-list of architectures, plain arguments, no download); any other architecture is
+named by the user's `model=` config instead.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from torch import nn
 
 from ml_infer.config import instantiate
 from ml_infer.errors import UserError
-from ml_infer.models import TRUSTED_MODEL_TARGETS
+from ml_infer.models import check_trusted_architecture
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def load_classifier(
                 f"checkpoint {path} ({checkpoint.format}) does not name its architecture; "
                 "choose one with model= (e.g. model=small_cnn or model=resnet18)"
             )
-        _check_trusted(model_config, path)
+        check_trusted_architecture(model_config, f"checkpoint {path}")
         model_kwargs: dict[str, Any] = {}
     else:
         model_kwargs = {"in_channels": input_spec.channels, "num_classes": len(classes)}
@@ -426,21 +427,3 @@ def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Ten
         if state_dict and all(key.startswith(prefix) for key in state_dict):
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
     return state_dict
-
-
-def _check_trusted(config: Any, path: Path) -> None:
-    """Every `_target_` in the checkpoint's model config, nested ones included, must be trusted."""
-    if isinstance(config, Mapping):
-        target = config.get("_target_")
-        if target is not None and not str(target).startswith(TRUSTED_MODEL_TARGETS):
-            raise UserError(
-                f"checkpoint {path} names architecture {target!r}, outside the trusted prefixes "
-                f"{list(TRUSTED_MODEL_TARGETS)}; to trust it, name it yourself with model="
-            )
-        children = config.values()
-    elif isinstance(config, (list, tuple)):
-        children = config
-    else:
-        return
-    for child in children:
-        _check_trusted(child, path)

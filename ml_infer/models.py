@@ -1,16 +1,58 @@
 """Classifier architectures that checkpoints name by `_target_`.
 
 A checkpoint stores its model as a Hydra config (`{"_target_": "ml_infer.models.SmallCNN",
-...}`), so an architecture is any public callable returning an `nn.Module`. Only targets
-under the prefixes in `TRUSTED_MODEL_TARGETS` are built from a checkpoint's own config; a user
-who trusts another module names it with `model=` on the command line.
+...}`), so an architecture is any public callable returning an `nn.Module`. A checkpoint's own
+config is built only when `check_trusted_architecture` accepts it: its `_target_` is exactly one
+of `TRUSTED_ARCHITECTURES` (a prefix check would let `torchvision.models.resnet.torch.load`
+through), its arguments are plain values, and it asks for no pretrained download. A user who
+trusts another module names it with `model=` on the command line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
-TRUSTED_MODEL_TARGETS = ("ml_infer.models.", "torchvision.models.")
+from ml_infer.errors import UserError
+
+TRUSTED_ARCHITECTURES = frozenset(
+    {"ml_infer.models.SmallCNN", "ml_infer.models.torchvision_classifier"}
+)
+_DOWNLOAD_ARGUMENTS = ("weights", "pretrained", "weights_backbone")
+
+
+def check_trusted_architecture(config: Any, source: str) -> None:
+    """Raises a UserError unless `config` is a flat call of a trusted architecture.
+
+    >>> check_trusted_architecture({"_target_": "ml_infer.models.SmallCNN", "width": 8}, "x.pt")
+    >>> check_trusted_architecture(
+    ...     {"_target_": "torchvision.models.resnet.torch.load"}, "x.pt"
+    ... )  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ml_infer.errors.UserError: x.pt names architecture 'torchvision.models.resnet.torch.load', ...
+    """
+    if not isinstance(config, Mapping):
+        raise UserError(f"{source} has a model config that is not a mapping")
+    target = config.get("_target_")
+    if target not in TRUSTED_ARCHITECTURES:
+        raise UserError(
+            f"{source} names architecture {target!r}, which is not one ml_infer builds from a "
+            f"checkpoint ({', '.join(sorted(TRUSTED_ARCHITECTURES))}); "
+            "to trust it, name it yourself with model="
+        )
+    for key, value in config.items():
+        if key != "_target_" and str(key).startswith("_"):
+            raise UserError(f"{source}: model config key {key!r} is not allowed in a checkpoint")
+        if key in _DOWNLOAD_ARGUMENTS:
+            raise UserError(
+                f"{source}: model config asks for {key}={value!r}; nothing is downloaded"
+            )
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            raise UserError(f"{source}: model config argument {key!r} must be a plain value")
 
 
 class SmallCNN(nn.Sequential):
@@ -52,12 +94,10 @@ def torchvision_classifier(name: str, in_channels: int, num_classes: int) -> nn.
     """
     from torchvision import models
 
-    try:
-        builder = models.get_model_builder(name)
-    except ValueError as error:
-        valid = ", ".join(sorted(models.list_models(module=models)))
-        raise ValueError(f"unknown torchvision model {name!r}; valid: {valid}") from error
-    model = builder(weights=None, num_classes=num_classes)
+    valid = sorted(models.list_models(module=models))
+    if name not in valid:
+        raise UserError(f"unknown torchvision model {name!r}; valid: {', '.join(valid)}")
+    model = models.get_model_builder(name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
@@ -77,4 +117,4 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 )
                 setattr(parent, child_name, replacement)
                 return
-    raise ValueError("no 3-channel input convolution found to adapt")
+    raise UserError(f"no 3-channel input convolution to adapt to {in_channels} channels")

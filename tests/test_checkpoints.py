@@ -75,24 +75,52 @@ def test_loading_never_unpickles_code(tmp_path):
     assert not marker.exists()
 
 
-def test_untrusted_architecture_target_is_refused(fold_paths, tmp_path):
-    contents, _ = read_checkpoint(fold_paths[0])
-    contents["model"] = {"_target_": "os.system", "command": "echo hi"}
-    path = tmp_path / "untrusted.pt"
+def save_with_model_config(fold_path, tmp_path, model_config) -> object:
+    contents, _ = read_checkpoint(fold_path)
+    contents["model"] = model_config
+    path = tmp_path / "crafted.pt"
     torch.save(contents, path)
-    with pytest.raises(UserError, match="'os.system', outside the trusted prefixes"):
+    return path
+
+
+def test_untrusted_architecture_target_is_refused(fold_paths, tmp_path):
+    path = save_with_model_config(
+        fold_paths[0], tmp_path, {"_target_": "os.system", "command": "x"}
+    )
+    with pytest.raises(UserError, match="names architecture 'os.system', which is not one"):
         load_classifier(path)
 
 
-def test_nested_untrusted_target_is_refused(fold_paths, tmp_path):
+def test_a_trusted_prefix_does_not_make_an_attribute_path_trusted(fold_paths, tmp_path):
+    # torchvision.models.resnet.torch.load *is* torch.load: a prefix check would run it.
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": _Exploit(marker)}, evil)
+    path = save_with_model_config(
+        fold_paths[0],
+        tmp_path,
+        {"_target_": "torchvision.models.resnet.torch.load", "f": str(evil), "weights_only": False},
+    )
+    with pytest.raises(UserError, match="torchvision.models.resnet.torch.load"):
+        load_classifier(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"width": {"_target_": "subprocess.call", "args": ["ls"]}},
+            "'width' must be a plain value",
+        ),
+        ({"_recursive_": True}, "key '_recursive_' is not allowed"),
+        ({"weights": "DEFAULT"}, "asks for weights='DEFAULT'; nothing is downloaded"),
+    ],
+)
+def test_checkpoint_model_configs_hold_plain_arguments_only(fold_paths, tmp_path, extra, message):
     contents, _ = read_checkpoint(fold_paths[0])
-    contents["model"] = {
-        **contents["model"],
-        "width": {"_target_": "subprocess.call", "args": ["ls"]},
-    }
-    path = tmp_path / "nested.pt"
-    torch.save(contents, path)
-    with pytest.raises(UserError, match="subprocess.call"):
+    path = save_with_model_config(fold_paths[0], tmp_path, {**contents["model"], **extra})
+    with pytest.raises(UserError, match=message):
         load_classifier(path)
 
 
