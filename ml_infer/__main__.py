@@ -6,28 +6,51 @@ python -m ml_infer -m strategy=standard,tta,ensemble,tta_ensemble
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import check_overrides, conf_dir
-from ml_infer.errors import UserError
+from ml_infer.config import check_overrides, conf_dir, process_rank
+from ml_infer.errors import UserError, exit_with
+from ml_infer.outputs import JOB_ERROR_FILE
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """The task: evaluate, print a summary; a UserError becomes one line on stderr and exit 2."""
+    """The task: evaluate and print a summary.
+
+    A UserError ends a single run with one line on stderr and exit code 2. In a sweep it fails
+    only its own job (written to the job's error.txt); the sweep goes on, reports the runs that
+    finished, and exits 2 at the end.
+    """
     from ml_infer.evaluate import evaluate
 
     try:
         metrics = evaluate(cfg)
     except UserError as error:
-        exit_with(error)
+        job_dir = _sweep_job_dir()
+        if job_dir is None:
+            exit_with(error)
+        log.error("error: %s", error)
+        (job_dir / JOB_ERROR_FILE).write_text(f"{error}\n")
+        return {}
     if metrics:
         print(summary(metrics), flush=True)
     return metrics
+
+
+def _sweep_job_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -65,21 +88,9 @@ def summary(metrics: dict[str, Any]) -> str:
     )
 
 
-def exit_with(error: UserError) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise error
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     run(cfg)
-
-
-def process_rank() -> int:
-    """This process's rank under torchrun / accelerate launch (0 when launched alone)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def side_process_overrides(rank: int) -> list[str]:
@@ -108,6 +119,10 @@ def main() -> None:
     if rank > 0:
         sys.argv += side_process_overrides(rank)
     _hydra_entry()
+    from ml_infer.tracking import sweep_failures
+
+    if sweep_failures():
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import io
 import logging
 import os
 import pickle
@@ -65,14 +64,36 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> InputSpec:
-        size = spec["size"]
-        size = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(map(int, size))
-        return cls(
-            size=size,
-            channels=int(spec["channels"]),
-            mean=tuple(float(m) for m in spec["mean"]),
-            std=tuple(float(s) for s in spec["std"]),
-        )
+        """Checks and converts {"size", "channels", "mean", "std"}; a UserError names the problem.
+
+        >>> InputSpec.from_dict({"size": 8, "channels": 1, "mean": [0.5], "std": [0.2]}).size
+        (8, 8)
+        """
+        try:
+            size = spec["size"]
+            size = (
+                (int(size), int(size)) if isinstance(size, (int, float)) else tuple(map(int, size))
+            )
+            result = cls(
+                size=size,
+                channels=int(spec["channels"]),
+                mean=tuple(float(m) for m in spec["mean"]),
+                std=tuple(float(s) for s in spec["std"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise UserError(f"input spec {dict(spec)} is malformed ({error!r})") from None
+        if len(result.size) != 2 or min(result.size) < 1:
+            raise UserError(f"input size must be [height, width] > 0, got {list(result.size)}")
+        if result.channels not in (1, 3):
+            raise UserError(f"input channels must be 1 or 3, got {result.channels}")
+        if len(result.mean) != result.channels or len(result.std) != result.channels:
+            raise UserError(
+                f"input mean {list(result.mean)} and std {list(result.std)} need one value per "
+                f"channel ({result.channels})"
+            )
+        if min(result.std) <= 0:
+            raise UserError(f"input std must be positive, got {list(result.std)}")
+        return result
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(images - mean) / std per channel, for [..., C, H, W] images in [0, 1]."""
@@ -173,19 +194,20 @@ def _numpy_data_globals() -> list[Any]:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
-    """The checkpoint's contents and the SHA-256 of its bytes, loaded without unpickling code."""
+    """The checkpoint's contents and the SHA-256 of its bytes, loaded without unpickling code.
+
+    Tensors are memory-mapped from the file rather than read into a second copy.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if not data:
+    if path.stat().st_size == 0:
         raise UserError(f"checkpoint is empty: {path}")
+    digest = _sha256(path)
     if path.suffix == ".safetensors":
-        return _read_safetensors(path, data), digest
+        return _read_safetensors(path), digest
     try:
-        with torch.serialization.safe_globals(_numpy_data_globals()):
-            contents = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        contents = _torch_load(path)
     except pickle.UnpicklingError as error:
         blocked = re.search(r"GLOBAL (\S+)", str(error))
         if blocked:
@@ -206,23 +228,56 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     return contents, digest
 
 
-def _read_safetensors(path: Path, data: bytes) -> dict[str, Any]:
+def _torch_load(path: Path) -> Any:
+    with torch.serialization.safe_globals(_numpy_data_globals()):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     try:
-        return load(data)
-    except (SafetensorError, ValueError, RuntimeError) as error:
+        return load_file(path)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as error:
         raise UserError(f"checkpoint {path} is not a valid safetensors file ({error})") from None
 
 
 def open_checkpoint(path: str | Path) -> CheckpointFile:
     """Reads a checkpoint of any supported format and says what it describes about itself."""
     path = Path(path)
-    contents, digest = read_checkpoint(path)
+    try:
+        return _describe(path, *read_checkpoint(path))
+    except UserError as error:
+        message = str(error)
+        raise UserError(
+            message if str(path) in message else f"checkpoint {path}: {message}"
+        ) from None
+
+
+def _describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFile:
     if path.suffix == ".safetensors":
         return CheckpointFile(path, digest, "safetensors", contents)
     if {"model_state_dict", "classes", "input"} <= contents.keys():
+        if contents.get("format_version", 1) > FORMAT_VERSION:
+            raise UserError(
+                f"checkpoint {path} is format {contents['format_version']}, newer than this "
+                f"ml_infer reads ({FORMAT_VERSION}); upgrade ml_infer"
+            )
         return CheckpointFile(
             path,
             digest,
@@ -386,24 +441,44 @@ def _get(config: Any, *keys: str) -> Any:
     return config
 
 
-def expand_checkpoint_paths(patterns: Sequence[str | Path]) -> list[Path]:
-    """Expands glob patterns (sorted); a plain path is kept even when missing, reported later."""
+def expand_checkpoint_paths(patterns: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    """Expands glob patterns in natural order (fold_2 before fold_10); a plain path is kept even
+    when missing, to be reported when it is read.
+
+    >>> [p.name for p in expand_checkpoint_paths(["a/fold_10.pt", "a/fold_2.pt"])]
+    ['fold_10.pt', 'fold_2.pt']
+    """
+    if patterns is None:
+        patterns = []
+    elif isinstance(patterns, (str, Path)):
+        patterns = [patterns]  # ensemble.checkpoints=path.pt rather than [path.pt]
     paths: list[Path] = []
-    for pattern in patterns:
-        pattern = str(pattern)
+    for pattern in map(str, patterns):
         if any(char in pattern for char in "*?["):
-            matches = [Path(match) for match in sorted(glob.glob(pattern))]
+            matches = sorted(glob.glob(pattern), key=natural_key)
             if not matches:
                 raise UserError(
                     f"no checkpoint matches {pattern!r}; train folds with ml-infer-train "
                     "or point ensemble.checkpoints at existing files"
                 )
-            paths.extend(matches)
+            paths.extend(Path(match) for match in matches)
         else:
             paths.append(Path(pattern))
     if not paths:
         raise UserError("ensemble.checkpoints is empty; give at least one checkpoint path")
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise UserError(f"ensemble.checkpoints lists {repeated} more than once")
     return paths
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value.
+
+    >>> sorted(["fold_10", "fold_2", "fold_1"], key=natural_key)
+    ['fold_1', 'fold_2', 'fold_10']
+    """
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _select_weights(

@@ -83,9 +83,10 @@ def check_overrides(overrides: list[str]) -> None:
     for override in overrides:
         key, sep, value = override.partition("=")
         key = key.lstrip("+~")
-        if not sep or "(" in value or "$" in value or key.startswith("hydra"):
-            continue
-        names = [name.strip() for name in value.strip("[]").split(",") if name.strip()]
+        if not sep or any(c in value for c in "(${") or key.startswith("hydra"):
+            continue  # sweep functions, interpolations, inline mappings: Hydra's to judge
+        names = [name.strip().strip("'\"") for name in value.strip("[]").split(",")]
+        names = [name for name in names if name]
         if key in NAMED_VALUE_KEYS:
             group, kind = NAMED_VALUE_KEYS[key]
         elif (conf_dir() / key).is_dir() and "/" not in key and "." not in key:
@@ -98,3 +99,29 @@ def check_overrides(overrides: list[str]) -> None:
         for name in names:
             if name not in valid:
                 raise one_of(kind, name, valid)
+
+
+# Overrides shared by every run of a sweep, or only about where things go: not part of a label.
+_UNLABELLED_OVERRIDES = ("hydra", "tracking", "runs_dir", "experiment=", "engine.progress")
+
+
+def run_label(overrides: list[str]) -> str:
+    """A short name for a run from its command-line overrides.
+
+    >>> run_label(["+comparison=tta_d4_vote", "+experiment=compare_all", "tracking.uri=x"])
+    'tta_d4_vote'
+    >>> run_label(["strategy=tta", "tta=flips", "hydra.run.dir=/tmp/x"])
+    'strategy=tta tta=flips'
+    """
+    stripped = [str(o).lstrip("+") for o in overrides]
+    shown = [
+        o.removeprefix("comparison=") for o in stripped if not o.startswith(_UNLABELLED_OVERRIDES)
+    ]
+    return " ".join(shown)
+
+
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when launched alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))

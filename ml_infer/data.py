@@ -170,7 +170,8 @@ class ImageFolderDataset(TensorImages):
     """torchvision's ImageFolder layout: `root/[split/]<class>/**/<image>`.
 
     When `root` has `train/`, `val/` or `test/` subfolders, `split` picks one; otherwise `root`
-    itself holds the class folders. Classes are the sorted names of the class folders; images
+    itself holds the class folders and is evaluated whole (it cannot be trained on: nothing
+    would be held out). Classes are the sorted names of the class folders; images
     may sit in nested folders below their class folder (as torchvision allows). Any image mode
     (grayscale, RGBA, palette, 16-bit) is converted to `channels` and resized to `image_size`.
     Files that are not images, or that cannot be decoded, are skipped and listed in `skipped`;
@@ -227,7 +228,7 @@ class ImageFolderDataset(TensorImages):
 class UnlabelledImages(TensorImages):
     """Every image under `root` (searched recursively), for prediction without labels.
 
-    Labels are -1; `classes` is empty until the predictor's classes are known.
+    Labels are -1 and `classes` is empty: the class names come from the checkpoint.
     """
 
     id_name = "path"
@@ -285,6 +286,8 @@ def decode_images(
     threads: int = 4,
 ) -> DecodedImages:
     """Decodes, converts and resizes every file; failures are recorded, never raised."""
+    if channels not in (1, 3):
+        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
     size = _size_pair(image_size)
     if size is None and paths:
         size = _common_size(paths)
@@ -326,13 +329,13 @@ def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarra
 
 
 def _to_8bit(image: Any) -> Any:
-    """16-bit, 32-bit integer and float images scaled to 8 bits (PIL's convert would clip them)."""
+    """16-bit integer and float images scaled to 8 bits (PIL's convert would clip them)."""
     from PIL import Image
 
     if image.mode.startswith("I;16") or image.mode == "I":
+        # PIL opens 16-bit PNGs as "I;16" or "I" depending on its version: both mean 0..65535.
         values = np.asarray(image, dtype=np.float64)
-        scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        return Image.fromarray(np.clip(values / scale * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
@@ -380,7 +383,12 @@ def _split_dir(root: Path, split: str) -> Path:
         raise UserError(f"data.root {str(root)!r} is not a directory")
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:
-        return root  # no split folders: root holds the class folders
+        if split == "train":
+            raise UserError(
+                f"{root} has no train/ folder: a folder of class folders is evaluation data; to "
+                f"train, put images under {root}/train/<class>/ (and held-out ones under test/)"
+            )
+        return root  # no split folders: root holds the class folders, all of them evaluated
     if split not in present:
         raise UserError(f"no split {split!r} under {root}; found: {', '.join(present)}")
     return root / split
@@ -422,8 +430,12 @@ def _relative(path: Path, root: Path) -> str:
 
 def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:
     """The configured data set's `split`, fitted to a model's input (`image_size`, `channels`)."""
+    from omegaconf import OmegaConf
+
     from ml_infer.config import instantiate
 
+    if "root" in data_config and OmegaConf.is_missing(data_config, "root"):
+        raise UserError(f"data={data_config.name} needs data.root=DIR, the folder of images")
     dataset = instantiate(data_config.dataset, split=split, **kwargs)
     if len(dataset) == 0:
         raise UserError(f"data set {data_config.name!r} split {split!r} has no images")
@@ -436,6 +448,8 @@ def make_loader(
     """A sequential loader; in-memory data sets are fetched a whole batch at a time."""
     if batch_size < 1:
         raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"data.num_workers must be 0 or more, got {num_workers}")
     batched_fetch = hasattr(dataset, "__getitems__")
     return DataLoader(
         dataset,

@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.data import make_loader
 from ml_infer.predictor import DatasetPredictions, Predictor, predict_dataset, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 class SingleProcessRunner:
@@ -79,6 +82,13 @@ class AccelerateRunner(SingleProcessRunner):
         # Accelerate shards over CPU processes (gloo) only when told to use the CPU.
         use_cpu = resolve_device(device).type == "cpu"
         self.accelerator = Accelerator(cpu=use_cpu)
+        if device.startswith("cuda:") and str(self.accelerator.device) != device:
+            log.warning(
+                "device=%s: the Accelerate runner puts each process on the GPU of its local rank "
+                "(%s here); choose GPUs with CUDA_VISIBLE_DEVICES",
+                device,
+                self.accelerator.device,
+            )
         self.device = self.accelerator.device
         self.is_main_process = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes

@@ -1,26 +1,29 @@
 """One evaluation: compose the strategy's parts from the config, run it, score it, write it down.
 
 `evaluate(cfg)` is the task behind `python -m ml_infer`; it is a plain function so that tests
-and notebooks can call it with a composed config. It checks every name and number in the config
-before loading a model, and writes nothing until the results are complete.
+and notebooks can call it with a composed config. It checks the names in the config (strategy
+parts, augmentations, aggregators, weights, checkpoint paths) before loading a model, and writes
+its result files only once the results are complete.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ml_infer.baseline import BaselineCache, correct_by_position, standard_baseline
 from ml_infer.config import instantiate_named
 from ml_infer.errors import UserError, one_of
 from ml_infer.outputs import (
+    remove_stale_results,
     write_json,
     write_predictions,
+    write_resolved_config,
     write_skipped,
     write_unlabelled_predictions,
 )
@@ -46,6 +49,8 @@ def build_aggregators(cfg: DictConfig, n_models: int):
     """The TTA aggregator (over views) and the ensemble aggregator (over models)."""
     view_aggregator = instantiate_named("tta_aggregation", cfg.tta.aggregation, "TTA aggregation")
     weights = cfg.ensemble.get("weights")
+    if weights is not None and not isinstance(weights, (list, tuple, ListConfig)):
+        weights = [weights]  # ensemble.weights=0.7 for a single checkpoint
     model_aggregator = instantiate_named(
         "ensemble_aggregation",
         cfg.ensemble.aggregation,
@@ -133,7 +138,11 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     )
     output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
     if cfg.mode == "evaluate":
-        baseline_correct = standard_baseline(cfg, predictor, members, dataset, runner, result)
+        sweep_dir = _sweep_dir()
+        cache = BaselineCache(sweep_dir / "baselines") if sweep_dir else None
+        baseline_correct = standard_baseline(
+            cfg, predictor, members, dataset, runner, result, cache
+        )
     if not runner.is_main_process:
         return {}
 
@@ -170,6 +179,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
     }
+    remove_stale_results(output_dir)
+    write_resolved_config(output_dir / "resolved_config.yaml", cfg)
     write_skipped(output_dir / "skipped_files.csv", dataset.skipped)
     if cfg.mode == "predict":
         predicted = result.preds.bincount(minlength=len(classes)).tolist()
@@ -225,74 +236,6 @@ def configured_input_spec(cfg: DictConfig, path: Path):
     return InputSpec.from_dict(
         {"size": given.size, "channels": len(given.mean), "mean": given.mean, "std": given.std}
     )
-
-
-def correct_by_position(result: Any):
-    """Per-sample correctness [N] in data-set order (a multi-process gather may reorder samples)."""
-    import torch
-
-    correct = torch.empty(len(result.labels), dtype=torch.bool)
-    correct[result.positions] = result.preds == result.labels
-    return correct
-
-
-def standard_baseline(
-    cfg: DictConfig, predictor: Any, members: list, dataset: Any, runner: Any, result: Any
-):
-    """Per-sample correctness of `standard` on the same data: the run's first checkpoint, fp32,
-    no views. A standard run is its own baseline; other runs reuse the baseline that a run of the
-    same sweep (same checkpoint, weights and data) already stored, and compute it only otherwise.
-    """
-    import hashlib
-
-    from ml_infer.aggregate import SoftVoting
-    from ml_infer.augment import Views
-    from ml_infer.predictor import Predictor
-
-    first = members[0]
-    identity = {
-        "checkpoint_sha256": first.sha256,
-        "weights": first.weights,
-        "data": OmegaConf.to_container(cfg.data.dataset, resolve=True),
-        "split": cfg.data.split,
-        "n": len(dataset),
-    }
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    sweep_dir = _sweep_dir()
-    cache = sweep_dir / "baselines" / f"standard_{key}.json" if sweep_dir else None
-    if predictor.forward_passes_per_image == 1 and predictor.autocast_dtype is None:
-        baseline = correct_by_position(result) if runner.is_main_process else None
-    elif cache is not None and runner.agree(cache.is_file()):
-        baseline = None
-        if runner.is_main_process:
-            import torch
-
-            baseline = torch.tensor(json.loads(cache.read_text())["correct"], dtype=torch.bool)
-    else:
-        log.info(
-            "computing the standard baseline (%s, 1 view, fp32) for the comparison", first.path
-        )
-        standard = Predictor(
-            [first.model],
-            Views([]),
-            SoftVoting(),
-            SoftVoting(),
-            first.input_spec,
-            device=runner.device,
-            forward_batch_size=predictor.forward_batch_size,
-        )
-        baseline_result = runner.predict(
-            standard,
-            dataset,
-            batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers,
-            warmup_batches=0,
-            progress=False,
-        )
-        baseline = correct_by_position(baseline_result) if runner.is_main_process else None
-    if runner.is_main_process and cache is not None and not cache.is_file():
-        write_json(cache, identity | {"correct": baseline.int().tolist()})
-    return baseline
 
 
 def _sweep_dir() -> Path | None:

@@ -14,6 +14,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# A sweep job whose input is bad leaves this file in its run directory instead of results.
+JOB_ERROR_FILE = "error.txt"
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path, newline: str | None = None) -> Iterator[Any]:
@@ -26,6 +29,31 @@ def atomic_write(path: Path, newline: str | None = None) -> Iterator[Any]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+# Everything an evaluation writes, metrics.json last: a run directory reused for a new run
+# must not keep files of the old one beside the new ones.
+RESULT_FILES = (
+    "skipped_files.csv",
+    "resolved_config.yaml",
+    "predictions.csv",
+    "confusion_matrix.png",
+    "metrics.json",
+    JOB_ERROR_FILE,
+)
+
+
+def remove_stale_results(run_dir: Path) -> None:
+    for name in RESULT_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def write_resolved_config(path: Path, cfg: Any) -> None:
+    """The run's config, every interpolation resolved (.hydra/config.yaml keeps them)."""
+    from omegaconf import OmegaConf
+
+    with atomic_write(path) as handle:
+        handle.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

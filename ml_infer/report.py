@@ -281,11 +281,11 @@ def _run_label(run_dir: Path) -> str:
     if overrides_path.is_file():
         from omegaconf import OmegaConf
 
-        overrides = [str(o).lstrip("+") for o in OmegaConf.load(overrides_path)]
-        hidden = ("hydra", "tracking", "runs_dir", "experiment=")
-        shown = [o.removeprefix("comparison=") for o in overrides if not o.startswith(hidden)]
-        if shown:
-            return " ".join(shown)
+        from ml_infer.config import run_label
+
+        label = run_label(list(OmegaConf.load(overrides_path)))
+        if label:
+            return label
     return run_dir.name
 
 

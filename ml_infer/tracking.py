@@ -20,6 +20,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ml_infer.errors import UserError
+from ml_infer.errors import UserError, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,10 @@ def run_tags(cfg: DictConfig, metrics: Mapping[str, Any]) -> dict[str, str]:
         "host": platform.node(),
         "device": str(metrics["device"]),
     }
-    commit = git_commit()
+    commit, dirty = git_state()
     if commit:
         tags["git_commit"] = commit
+        tags["git_dirty"] = str(dirty).lower()
     overrides = _job_overrides()
     if overrides:
         tags["overrides"] = overrides[:_MAX_PARAM_LENGTH]
@@ -159,21 +161,31 @@ def _job_overrides() -> str:
     """The command-line overrides that made this run (a sweep's label for it), if under Hydra."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return ""
-    overrides = [o.lstrip("+") for o in HydraConfig.get().overrides.task]
-    hidden = ("hydra", "tracking", "runs_dir", "experiment=")
-    return " ".join(o.removeprefix("comparison=") for o in overrides if not o.startswith(hidden))
+    from ml_infer.config import run_label
+
+    return run_label(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else ""
 
 
-def git_commit() -> str | None:
+def git_state() -> tuple[str | None, bool]:
+    """The commit of the ml_infer checkout this code runs from, and whether it has local changes
+    (None outside a git checkout, e.g. when installed from a wheel)."""
+    package_dir = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(package_dir), *args],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        )
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
+        return None, False
+    return commit or None, dirty
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -187,16 +199,33 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 def log_evaluation(cfg: DictConfig, metrics: Mapping[str, Any], run_dir: Path) -> str | None:
     """Logs one evaluated strategy as an MLflow run (nested under the sweep's parent run, if any).
 
-    Returns the run id, or None when tracking is off or failed (and was not required).
+    Returns the run id, or None when tracking is off or failed (and was not required). What is
+    logged is assembled first, so that only talking to the store is treated as a store failure.
     """
     tracking = cfg.get("tracking")
     if not enabled(tracking):
         return None
-    return guarded(tracking, "logging the run", _log_evaluation, cfg, tracking, metrics, run_dir)
+    tags = run_tags(cfg, metrics)
+    parent = _parent_run_id()
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    tags["run_dir"] = str(run_dir.resolve())
+    params = run_params(cfg, metrics)
+    values = numeric_metrics(metrics)
+    artifacts = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).is_file()]
+    return guarded(tracking, "logging the run", _log_run, tracking, tags, params, values, artifacts)
 
 
-def _log_evaluation(
-    cfg: DictConfig, tracking: Any, metrics: Mapping[str, Any], run_dir: Path
+# Files of a run directory that its MLflow run carries.
+RUN_ARTIFACTS = ("metrics.json", "predictions.csv", "resolved_config.yaml", "confusion_matrix.png")
+
+
+def _log_run(
+    tracking: Any,
+    tags: dict[str, str],
+    params: dict[str, str],
+    values: dict[str, float],
+    artifacts: list[Path],
 ) -> str:
     import time
 
@@ -204,29 +233,20 @@ def _log_evaluation(
 
     client = _client(tracking)
     experiment_id = _experiment_id(client, tracking)
-    tags = run_tags(cfg, metrics)
-    parent = _parent_run_id()
-    if parent:
-        tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, tags=tags, run_name=str(tracking.run_name))
     run_id = run.info.run_id
     try:
         now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in run_params(cfg, metrics).items()]
-        values = [Metric(k, v, now, 0) for k, v in numeric_metrics(metrics).items()]
-        for start in range(0, max(len(params), len(values)), 100):
+        param_list = [Param(k, v) for k, v in params.items()]
+        metric_list = [Metric(k, v, now, 0) for k, v in values.items()]
+        for start in range(0, max(len(param_list), len(metric_list)), 100):
             client.log_batch(
-                run_id, metrics=values[start : start + 100], params=params[start : start + 100]
+                run_id,
+                metrics=metric_list[start : start + 100],
+                params=param_list[start : start + 100],
             )
-        for artifact in (
-            "metrics.json",
-            "predictions.csv",
-            ".hydra/config.yaml",
-            "confusion_matrix.png",
-        ):
-            if (run_dir / artifact).is_file():
-                client.log_artifact(run_id, str(run_dir / artifact))
-        client.set_tag(run_id, "run_dir", str(run_dir.resolve()))
+        for artifact in artifacts:
+            client.log_artifact(run_id, str(artifact))
         client.set_terminated(run_id, "FINISHED")
     except Exception:
         client.set_terminated(run_id, "FAILED")
@@ -250,49 +270,71 @@ def _parent_run_id() -> str | None:
 
 def _side_process() -> bool:
     """A rank other than 0 of a torchrun / accelerate launch: it neither reports nor tracks."""
-    return int(os.environ.get("RANK", "0")) > 0
+    from ml_infer.config import process_rank
+
+    return process_rank() > 0
+
+
+_failed_jobs: list[Path] = []
+
+
+def sweep_failures() -> list[Path]:
+    """Run directories of the last sweep whose job failed on bad input (empty when none did)."""
+    return list(_failed_jobs)
 
 
 class SweepTracking(Callback):
-    """Opens the sweep's parent MLflow run, and writes and logs the comparison when it ends."""
+    """Opens the sweep's parent MLflow run; when the sweep ends, writes and logs the comparison,
+    lists the jobs that failed, and closes the parent run (FAILED if any job did)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _failed_jobs.clear()
         tracking = config.get("tracking")
         if not enabled(tracking) or _side_process():
             return
         marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
         marker.unlink(missing_ok=True)  # a reused sweep dir must not nest runs under an old parent
-        run_id = guarded(
-            tracking, "creating the sweep's parent run", self._start_parent, tracking, config
-        )
+        try:
+            run_id = guarded(
+                tracking, "creating the sweep's parent run", self._start_parent, tracking, config
+            )
+        except TrackingFailed as error:
+            exit_with(error)
         if run_id:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(json.dumps({"run_id": run_id, "uri": tracking.uri}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ml_infer.outputs import JOB_ERROR_FILE
         from ml_infer.report import markdown_table, write_comparison
 
         if _side_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_comparison(sweep_dir)
-        if rows:
-            print(
-                f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n", flush=True
-            )
-            print(markdown_table(rows), flush=True)
-        tracking = config.get("tracking")
-        marker = sweep_dir / PARENT_RUN_FILE
-        if enabled(tracking) and marker.is_file():
-            run_id = json.loads(marker.read_text())["run_id"]
-            guarded(
-                tracking,
-                "closing the sweep's parent run",
-                self._finish_parent,
-                tracking,
-                run_id,
-                sweep_dir,
-            )
+        _failed_jobs[:] = sorted(path.parent for path in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
+        try:
+            rows = write_comparison(sweep_dir)
+            if rows:
+                print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
+                print(markdown_table(rows), flush=True)
+            for job_dir in _failed_jobs:
+                error = (job_dir / JOB_ERROR_FILE).read_text().strip()
+                print(f"error: run {job_dir.name} failed: {error}", file=sys.stderr, flush=True)
+        finally:
+            tracking = config.get("tracking")
+            marker = sweep_dir / PARENT_RUN_FILE
+            if enabled(tracking) and marker.is_file():
+                run_id = json.loads(marker.read_text())["run_id"]
+                status = "FAILED" if _failed_jobs else "FINISHED"
+                guarded(
+                    tracking,
+                    "closing the sweep's parent run",
+                    self._finish_parent,
+                    tracking,
+                    run_id,
+                    sweep_dir,
+                    status,
+                )
 
     @staticmethod
     def _start_parent(tracking: Any, config: DictConfig) -> str:
@@ -311,13 +353,13 @@ class SweepTracking(Callback):
         return run.info.run_id
 
     @staticmethod
-    def _finish_parent(tracking: Any, run_id: str, sweep_dir: Path) -> None:
+    def _finish_parent(tracking: Any, run_id: str, sweep_dir: Path, status: str) -> None:
         client = _client(tracking)
         for name in ("comparison.md", "comparison.csv", "pareto.png"):
             if (sweep_dir / name).is_file():
                 client.log_artifact(run_id, str(sweep_dir / name))
         client.set_tag(run_id, "sweep_dir", str(sweep_dir.resolve()))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, status)
         log.info("closed the sweep's MLflow parent run %s", run_id)
 
 

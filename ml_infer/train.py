@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ml_infer.config import conf_dir
-from ml_infer.errors import UserError
+from ml_infer.errors import UserError, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +224,10 @@ def _accuracy(model: Any, images: Any, labels: Any) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def _hydra_entry(cfg: DictConfig) -> None:
-    import os
-
     try:
         train_folds(cfg)
     except UserError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(error)
 
 
 def main() -> None:
