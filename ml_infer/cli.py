@@ -114,15 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def implied_strategy(args: argparse.Namespace) -> str | None:
+    """The strategy that --tta, --tta-augmentations and --ensemble ask for, if any."""
+    wants_tta = args.tta or bool(args.tta_augmentations)
+    if args.ensemble:
+        return "tta_ensemble" if wants_tta else "ensemble"
+    return "tta" if wants_tta else None
+
+
+def strategy_conflict(args: argparse.Namespace) -> str | None:
+    """Why --strategy contradicts the other flags, or None when it does not."""
+    implied = implied_strategy(args)
+    if args.strategy and implied and args.strategy != implied:
+        return (
+            f"argument --strategy: {args.strategy!r} contradicts --tta/--tta-augmentations/"
+            f"--ensemble, which mean {implied!r}; give one or the other"
+        )
+    return None
+
+
 def to_overrides(args: argparse.Namespace) -> list[str]:
     """The Hydra overrides that mean what the flags say."""
-    strategy = args.strategy
-    if strategy is None:
-        wants_tta = args.tta or bool(args.tta_augmentations)
-        if args.ensemble:
-            strategy = "tta_ensemble" if wants_tta else "ensemble"
-        elif wants_tta:
-            strategy = "tta"
+    strategy = args.strategy or implied_strategy(args)
     overrides = [f"strategy={strategy}"] if strategy else []
     if args.checkpoint_path:
         overrides.append(f"ensemble.checkpoints={_list([args.checkpoint_path])}")
@@ -156,22 +169,35 @@ def to_overrides(args: argparse.Namespace) -> list[str]:
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separates Hydra overrides (`key=value`) from flags, wherever they stand: a trailing
-    override after `--ensemble a.pt b.pt` is not a checkpoint. A token naming an existing file
-    stays a flag value.
+    override after `--ensemble a.pt b.pt` is not a checkpoint. The value of a one-value flag,
+    and a token naming an existing file, stay with the flags.
 
     >>> split_overrides(["--ensemble", "a.pt", "b.pt", "tracking=none"])
     (['--ensemble', 'a.pt', 'b.pt'], ['tracking=none'])
+    >>> split_overrides(["--checkpoint_path", "runs/lr=0.1/best.pt", "seed=1"])
+    (['--checkpoint_path', 'runs/lr=0.1/best.pt'], ['seed=1'])
     """
+    one_value_flags = {
+        option
+        for action in build_parser()._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
     flags, overrides = [], []
-    for token in argv:
-        is_override = _OVERRIDE.match(token) and not Path(token).exists()
+    for index, token in enumerate(argv):
+        follows_flag = index > 0 and argv[index - 1] in one_value_flags
+        is_override = _OVERRIDE.match(token) and not follows_flag and not Path(token).exists()
         (overrides if is_override else flags).append(token)
     return flags, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     flags, hydra_overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(flags)
+    parser = build_parser()
+    args = parser.parse_args(flags)
+    conflict = strategy_conflict(args)
+    if conflict:
+        parser.error(conflict)
     args.overrides = [*hydra_overrides, *args.overrides]
     overrides = to_overrides(args)
     flags = ["-m"] if args.multirun else []

@@ -434,7 +434,7 @@ def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:
 
     from ml_infer.config import instantiate
 
-    if "root" in data_config and OmegaConf.is_missing(data_config, "root"):
+    if "root" in data_config.keys() and OmegaConf.is_missing(data_config, "root"):
         raise UserError(f"data={data_config.name} needs data.root=DIR, the folder of images")
     dataset = instantiate(data_config.dataset, split=split, **kwargs)
     if len(dataset) == 0:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ml_infer.outputs import atomic_write
+
 TABLE_COLUMNS = (
     ("run", "{}"),
     ("strategy", "{}"),
@@ -39,10 +41,15 @@ TABLE_COLUMNS = (
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every run's metrics under `sweep_dir`, in job order, labelled by its overrides."""
+    """Every scored run's metrics under `sweep_dir`, in job order, labelled by its overrides.
+
+    Runs without an accuracy (`mode=predict`) have nothing to compare and are left out.
+    """
     rows = []
     for metrics_path in sorted(Path(sweep_dir).glob("*/metrics.json"), key=_job_order):
         metrics = json.loads(metrics_path.read_text())
+        if "accuracy" not in metrics:
+            continue
         metrics["run"] = _run_label(metrics_path.parent)
         metrics["run_dir"] = str(metrics_path.parent)
         rows.append(metrics)
@@ -56,9 +63,19 @@ def collect_mlflow_runs(experiment: str, tracking_uri: str) -> list[dict[str, An
     return add_derived_columns(runs_of_experiment(experiment, tracking_uri))
 
 
+def baseline_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Runs are compared with the standard run on the same data, split and first checkpoint."""
+    checkpoints = row.get("checkpoint_sha256") or [None]
+    return (row.get("data"), row.get("split"), checkpoints[0])
+
+
 def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`aggregation`, interval strings, and `relative_cost`: standard's images/s over this run's."""
-    baseline = next((r for r in rows if r.get("strategy") == "standard"), None)
+    """`aggregation`, interval strings, and `relative_cost`: the images/s of the standard run
+    with the same data, split and first checkpoint over this run's (NaN when there is none)."""
+    standard_speed: dict[tuple[Any, ...], float] = {}
+    for row in rows:
+        if row.get("strategy") == "standard" and row.get("images_per_s"):
+            standard_speed.setdefault(baseline_key(row), row["images_per_s"])
     for row in rows:
         row["aggregation"] = (
             f"{row.get('tta_aggregation', '-')}/{row.get('ensemble_aggregation', '-')}"
@@ -73,8 +90,9 @@ def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"[{row['accuracy_delta_ci95_low']:+.4f}, {row['accuracy_delta_ci95_high']:+.4f}]"
             )
         row["McNemar p"] = row.get("mcnemar_p_vs_standard")
-        if baseline is not None and row.get("images_per_s"):
-            row["relative_cost"] = baseline["images_per_s"] / row["images_per_s"]
+        baseline_speed = standard_speed.get(baseline_key(row))
+        if baseline_speed and row.get("images_per_s"):
+            row["relative_cost"] = baseline_speed / row["images_per_s"]
         else:
             row["relative_cost"] = math.nan
     return rows
@@ -106,13 +124,14 @@ def write_comparison(
     if not rows:
         return rows
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "comparison.md").write_text(markdown_table(rows) + "\n")
+    with atomic_write(out_dir / "comparison.md") as handle:
+        handle.write(markdown_table(rows) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [
             k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in columns
         ]
-    with (out_dir / "comparison.csv").open("w", newline="") as handle:
+    with atomic_write(out_dir / "comparison.csv", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

@@ -383,8 +383,8 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
     )
     rows = []
     for run in runs:
-        if run.data.tags.get("sweep") == "true":
-            continue
+        if run.data.tags.get("sweep") == "true" or "accuracy" not in run.data.metrics:
+            continue  # sweep parents and mode=predict runs have nothing to compare
         params = run.data.params
         rows.append(
             dict(run.data.metrics)
@@ -402,6 +402,7 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
                 "ensemble_aggregation": params.get("ensemble.aggregation"),
                 "data": params.get("data.name"),
                 "split": params.get("data.split"),
+                "checkpoint_sha256": run.data.tags.get("checkpoint_sha256", "").split(","),
                 "forward_passes_per_image": int(
                     run.data.metrics.get("forward_passes_per_image", 0)
                 ),

@@ -113,6 +113,7 @@ def train_folds(cfg: DictConfig) -> list[Path]:
         train_images, train_labels = images[train_idx], labels[train_idx]
         val_images, val_labels = images[val_idx].to(device), labels[val_idx].to(device)
         best: dict[str, Any] = {"val_accuracy": -1.0}
+        history: list[float] = []
         started = time.perf_counter()
         epochs = tqdm(
             range(cfg.epochs), desc=f"fold {fold}", unit="epoch", disable=None, leave=False
@@ -136,6 +137,7 @@ def train_folds(cfg: DictConfig) -> list[Path]:
             raw_accuracy = _accuracy(model, input_spec.normalise(val_images), val_labels)
             ema_accuracy = _accuracy(ema.module, input_spec.normalise(val_images), val_labels)
             epochs.set_postfix(val=f"{raw_accuracy:.3f}", ema=f"{ema_accuracy:.3f}")
+            history.append(raw_accuracy)
             if raw_accuracy > best["val_accuracy"]:
                 best = {
                     "epoch": epoch,
@@ -148,6 +150,8 @@ def train_folds(cfg: DictConfig) -> list[Path]:
         metrics = {k: best[k] for k in ("epoch", "val_accuracy", "val_accuracy_ema")}
         metrics |= {
             "epochs": cfg.epochs,
+            "val_accuracy_history": history,
+            "val_ids": [dataset.sample_ids[i] for i in val_idx.tolist()],
             "seed": seed,
             "train_size": len(train_idx),
             "val_size": len(val_idx),

@@ -150,3 +150,24 @@ def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
     assert repeated.wall_seconds == statistics.median(repeated.pass_seconds)
     assert len(repeated.batch_seconds) == 4 * len(repeated.pass_seconds)
     assert torch.equal(repeated.preds, once.preds) and len(repeated.labels) == 360
+
+
+def test_bf16_autocast_path_agrees_with_fp32(fold_paths):
+    # CPUs without native bf16 still run it (emulated, slowly); the engine must get it right.
+    classifier = load_classifier(fold_paths[0])
+    images = digits_test_images()
+    fp32 = predictor_for([classifier], SoftVoting())(images)
+    bf16 = Predictor(
+        [classifier.model],
+        Views([]),
+        SoftVoting(),
+        SoftVoting(),
+        classifier.input_spec,
+        device=torch.device("cpu"),
+        autocast_dtype=torch.bfloat16,
+    )
+    assert bf16.precision_name == "bf16"
+    low = bf16(images)
+    assert low.probs.dtype == torch.float32
+    assert (low.preds == fp32.preds).float().mean() > 0.98
+    assert torch.allclose(low.probs, fp32.probs, atol=0.05)

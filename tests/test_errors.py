@@ -3,6 +3,7 @@ traceback, and no result files written. Run as real subprocesses, as a user woul
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,12 +56,27 @@ def assert_nothing_written(run_dir: Path) -> None:
         ),
         (["-m", "strategy=standard,nope"], ["unknown strategy 'nope'"]),
         (["tta=everything"], ["unknown tta 'everything'", "d4, flips"]),
+        (["strategy='fastest'"], ["unknown strategy 'fastest'"]),
     ],
 )
 def test_unknown_names_are_answered_before_any_work(overrides, fragments, tmp_path):
-    result = run_cli(["ml_infer", f"hydra.run.dir={tmp_path}", *overrides], timeout=60)
-    assert_one_line_error(result, *fragments)
-    assert "torch" not in result.stdout
+    result = run_cli(
+        ["ml_infer", f"hydra.run.dir={tmp_path}", *overrides],
+        timeout=60,
+        env={"PYTHONPROFILEIMPORTTIME": "1"},  # stderr lists every module imported
+    )
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert_one_line_error(
+        subprocess.CompletedProcess(
+            result.args, result.returncode, result.stdout, "\n".join(errors)
+        ),
+        *fragments,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in imports}
+    assert "ml_infer.config" in imported
+    assert not imported & {"torch", "torchvision", "mlflow", "torchmetrics"}
+    assert not list(tmp_path.iterdir())  # nothing written, not even Hydra's run dir
 
 
 def test_missing_checkpoint(runs_dir, tmp_path):
@@ -126,3 +142,47 @@ def test_full_traceback_on_request(tmp_path):
     result = run_cli(args, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "checkpoint not found" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["data=imagefolder"], ["data=imagefolder needs data.root=DIR"]),
+        (["data.num_workers=-1"], ["data.num_workers must be 0 or more, got -1"]),
+        (
+            ["model=resnet18", "model.name=resnet_bogus"],
+            ["unknown torchvision model 'resnet_bogus'"],
+        ),
+        (["ensemble.checkpoints=null"], ["ensemble.checkpoints is empty"]),
+    ],
+)
+def test_more_bad_input_is_one_line(overrides, fragments, runs_dir, tmp_path):
+    result = evaluate_cli(tmp_path / "run", runs_dir, *overrides)
+    assert_one_line_error(result, *fragments)
+    assert_nothing_written(tmp_path / "run")
+
+
+def test_a_sweep_with_a_failing_job_reports_the_others_and_exits_2(runs_dir, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "ml_infer",
+            "-m",
+            "ensemble.weights=null,[1,2]",
+            "strategy=ensemble",
+            f"runs_dir={runs_dir}",
+            "tracking=none",
+            "engine.min_timing_s=0",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
+    )
+    assert result.returncode == 2
+    assert (sweep_dir / "0_ensemble" / "metrics.json").is_file()
+    assert not (sweep_dir / "1_ensemble" / "metrics.json").exists()
+    assert (
+        "2 ensemble weights for 3 checkpoints"
+        in (sweep_dir / "1_ensemble" / "error.txt").read_text()
+    )
+    assert (sweep_dir / "comparison.md").read_text().count("\n") == 3  # header, rule, one run
+    assert "error: run 1_ensemble failed: 2 ensemble weights for 3 checkpoints" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -227,7 +227,8 @@ def test_required_tracking_fails_after_writing_local_results(runs_dir, tmp_path)
     assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
 
 
-def test_tracking_none_writes_no_store(runs_dir, tmp_path):
+def test_tracking_none_writes_no_store(runs_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default store sqlite:///outputs/mlflow.db would go
     cfg = compose_config(["tracking=none"], runs_dir=runs_dir)
     evaluate(cfg, output_dir=tmp_path / "run")
     assert not (tmp_path / "outputs").exists()

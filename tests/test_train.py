@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ml_infer.checkpoints import read_checkpoint
@@ -37,17 +38,41 @@ def test_same_seed_trains_identical_weights_and_folds_differ(tmp_path):
 
 
 def test_fixture_folds_partition_the_train_split(fold_paths):
-    sizes = [read_checkpoint(p)[0]["metrics"] for p in fold_paths]
-    train_split = sizes[0]["train_size"] + sizes[0]["val_size"]
-    # Disjoint validation parts that together cover the train split (StratifiedKFold).
-    assert sum(m["val_size"] for m in sizes) == train_split
-    assert all(m["train_size"] + m["val_size"] == train_split for m in sizes)
+    from ml_infer.data import DigitsDataset
+
+    held_out = [set(read_checkpoint(p)[0]["metrics"]["val_ids"]) for p in fold_paths]
+    for i, ids in enumerate(held_out):
+        for other in held_out[i + 1 :]:
+            assert not ids & other  # disjoint validation parts
+    train_ids = set(DigitsDataset(split="train").sample_ids)
+    assert set().union(*held_out) == train_ids  # together: the whole train split, nothing else
+    test_ids = set(DigitsDataset(split="test").sample_ids)
+    assert not train_ids & test_ids
     assert len(fold_paths) == FIXTURE_FOLDS
 
 
-def test_best_epoch_is_chosen_on_raw_validation_accuracy(fold_paths):
+def test_best_epoch_is_the_best_raw_validation_accuracy(fold_paths):
     for path in fold_paths:
         metrics = read_checkpoint(path)[0]["metrics"]
-        assert 0 <= metrics["epoch"] < metrics["epochs"]
-        assert metrics["val_accuracy"] > 0.9
+        history = metrics["val_accuracy_history"]
+        assert len(history) == metrics["epochs"]
+        assert metrics["epoch"] == history.index(max(history))  # the first epoch reaching the best
+        assert metrics["val_accuracy"] == max(history) > 0.9
         assert 0 < metrics["val_accuracy_ema"] <= 1
+
+
+def test_a_folder_without_a_train_split_cannot_be_trained_on(tmp_path):
+    from PIL import Image
+
+    from ml_infer.errors import UserError
+
+    for name in ("a", "b"):
+        (tmp_path / "flat" / name).mkdir(parents=True)
+        Image.new("L", (8, 8), 128).save(tmp_path / "flat" / name / "x.png")
+    cfg = compose_config(
+        ["data=imagefolder", f"data.root={tmp_path / 'flat'}", "folds=2", "epochs=1"],
+        config_name="train",
+        runs_dir=tmp_path / "runs",
+    )
+    with pytest.raises(UserError, match="has no train/ folder"):
+        train_folds(cfg)
