@@ -83,7 +83,7 @@ def check_sweep_was_tracked(uri: str, sweep_dir: Path) -> None:
             assert run.data.metrics[key] == pytest.approx(local[key], rel=1e-9), key
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {
-            "config.yaml",
+            "resolved_config.yaml",
             "predictions.csv",
             "metrics.json",
             "confusion_matrix.png",
