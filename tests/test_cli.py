@@ -74,6 +74,7 @@ def test_seed_cli_example_matches_python_m_ml_infer(example, fold_paths, runs_di
     assert shlex.split(printed.removeprefix("equivalent: python -m ml_infer ")) == [
         *overrides,
         "tracking=none",
+        "engine.min_timing_s=0",
         f"hydra.run.dir={run_dir}",
     ]
     from_cli = json.loads((run_dir / "metrics.json").read_text())

@@ -95,6 +95,7 @@ def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
         "confusion_matrix.png",
         "metrics.json",
         "predictions.csv",
+        "resolved_config.yaml",
     ]
 
 
