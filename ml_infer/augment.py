@@ -138,12 +138,19 @@ class _Intensity(Augmentation):
         self.view_names = tuple(f"{self.name}_{f:g}" for f in self.factors)
 
     def __call__(self, images: Tensor) -> Tensor:
-        factors = torch.tensor(self.factors, dtype=images.dtype, device=images.device)
-        factors = factors.view(-1, 1, 1, 1, 1)
-        reference = self.reference(images).unsqueeze(0)
-        return (factors * images.unsqueeze(0) + (1 - factors) * reference).clamp_(0.0, 1.0)
+        # torchvision's _blend, factor * images + (1 - factor) * reference, with the same scalars
+        # and roundings, written view by view into one tensor: broadcasting a [V, 1, 1, 1, 1]
+        # factor tensor over the batch measured 10-30x slower.
+        views = images.new_empty((len(self.factors), *images.shape))
+        reference = self.reference(images)
+        for view, factor in zip(views, self.factors):
+            torch.mul(images, factor, out=view)
+            if reference is not None:
+                view.add_(reference * (1.0 - factor))
+        return views.clamp_(0.0, 1.0)
 
-    def reference(self, images: Tensor) -> Tensor:
+    def reference(self, images: Tensor) -> Tensor | None:
+        """What each image is blended with, broadcastable to the images; None for zero."""
         raise NotImplementedError
 
 
@@ -152,8 +159,8 @@ class Brightness(_Intensity):
 
     name = "brightness"
 
-    def reference(self, images: Tensor) -> Tensor:
-        return torch.zeros_like(images)
+    def reference(self, images: Tensor) -> None:
+        return None  # blending with black is scaling
 
 
 class Contrast(_Intensity):

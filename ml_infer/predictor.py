@@ -2,14 +2,19 @@
 
 For a batch of B images, K views and M models:
 
-    images [B] -> views [K, B] (batched tensor ops) -> normalise
-               -> for each model: forwards in chunks of `forward_batch_size` -> softmax
-                  -> probs [K, B, C] -> view aggregator -> [B, C]
-               -> stacked [M, B, C] -> model aggregator -> [B, C]
+    images [B] -> slices of s images -> views [K, s] (batched tensor ops)
+               -> forward chunks of `forward_batch_size`, each normalised and laid out just
+                  before it runs -> for each model: logits -> probs [K, B, C]
+               -> view aggregator -> [M, B, C] -> model aggregator -> [B, C]
 
-Models are looped rather than stacked (measured faster on CPU), and a K*B batch is split into
-chunks of the tuned batch size (a bigger batch is slower per image once activations fall out of
-cache). Nothing outside this module knows how views and models are batched.
+Models are looped rather than stacked (torch.func stacking measured slower on CPU), and the K*s
+views of a slice are run in chunks of the tuned forward batch size (a bigger batch is slower per
+image once activations fall out of cache). A slice holds just enough images for its views to
+fill whole chunks, so every forward but the last of a batch is a full chunk, while the views in
+memory stay a few chunks large instead of K*B images. Models run in channels_last layout with
+BatchNorm folded into the preceding convolution where the engine settings ask for it (measured
+1.5-1.8x on CPU; see scripts/bench.py). Nothing outside this module knows how views and models
+are batched.
 """
 
 from __future__ import annotations
@@ -88,6 +93,50 @@ def resolve_autocast_dtype(
     return None
 
 
+# Images per model forward for `engine.forward_batch_size: auto`, by device type. CPU: measured
+# with `python scripts/bench.py --sweep-only` (2 cores, torch 2.14.1, channels_last, BatchNorm
+# folded): the digits CNN runs within noise of its best from 128 to 1024 images, resnet18 at
+# 3x64x64 is best at 64-128 and 5-10% slower from 256 up (activations fall out of cache); 128
+# suits both. CUDA: not measured here; large enough to keep a GPU busy with small images
+# (`scripts/bench.py --device cuda` sweeps batch sizes up to the memory limit).
+AUTO_FORWARD_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+
+
+def resolve_forward_batch_size(value: int | str, device: torch.device) -> int:
+    """`engine.forward_batch_size` as a number: `auto` is the measured default of the device.
+
+    >>> resolve_forward_batch_size("auto", torch.device("cpu")) == AUTO_FORWARD_BATCH_SIZE["cpu"]
+    True
+    """
+    if value == "auto":
+        return AUTO_FORWARD_BATCH_SIZE.get(device.type, AUTO_FORWARD_BATCH_SIZE["cpu"])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"engine.forward_batch_size must be a positive integer or auto, got {value!r}"
+        )
+    return value
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of an eval-mode model with each BatchNorm folded into the convolution or linear layer
+    it follows (when nothing else reads that layer's output): the same function up to float
+    rounding, one pass over the activations less per BatchNorm. A model without BatchNorm, or one
+    torch.fx cannot trace (data-dependent control flow), is returned as it is.
+    """
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if model.training or not has_batch_norm:
+        return model
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: run the model as is
+        log.debug(
+            "BatchNorm not folded (%s: %s); running the model as is", type(error).__name__, error
+        )
+        return model
+
+
 class Predictor:
     """Runs every model on every view of a batch and merges them into one prediction per image."""
 
@@ -101,19 +150,23 @@ class Predictor:
         *,
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
-        forward_batch_size: int = 256,
+        forward_batch_size: int | Literal["auto"] = "auto",
         channels_last: bool = False,
+        fold_batch_norms: bool = True,
     ) -> None:
-        if forward_batch_size < 1:
-            raise UserError(f"engine.forward_batch_size must be positive, got {forward_batch_size}")
+        self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.models = [m.eval().to(device=device, memory_format=memory_format) for m in models]
+        self.models = [
+            (fold_batch_norm(m.eval()) if fold_batch_norms else m.eval()).to(
+                device=device, memory_format=memory_format
+            )
+            for m in models
+        ]
         self.views = views
         self.view_aggregator = view_aggregator
         self.model_aggregator = model_aggregator
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.forward_batch_size = forward_batch_size
         self.memory_format = memory_format
         self.input_spec = input_spec
         model_aggregator.check_members(len(self.models))
@@ -131,24 +184,36 @@ class Predictor:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def images_per_slice(self) -> int:
+        """Images whose views are built at once: the fewest whose K views fill whole chunks."""
+        return self.forward_batch_size // math.gcd(len(self.views), self.forward_batch_size)
+
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Predictions:
         """Merged prediction for a batch [B, C, H, W] of [0, 1] images."""
         images = images.to(self.device, non_blocking=True)
-        views = self.views(images)
-        n_views, batch = views.shape[:2]
-        flat = self.input_spec.normalise(views.flatten(0, 1))
-        flat = flat.contiguous(memory_format=self.memory_format)
-        per_model = []
+        n_views = len(self.views)
+        logits: list[list[Tensor]] = [[] for _ in self.models]  # per model: [K, s, C] per slice
         with self.autocast():
-            for model in self.models:
-                logits = torch.cat([model(chunk) for chunk in flat.split(self.forward_batch_size)])
-                probs = logits.float().softmax(dim=-1).view(n_views, batch, -1)
-                per_model.append(self.view_aggregator(Predictions.from_probs(probs)))
+            for image_slice in images.split(self.images_per_slice):
+                chunks = self.views(image_slice).flatten(0, 1).split(self.forward_batch_size)
+                for model, model_logits in zip(self.models, logits):
+                    # Normalised just before each forward, while the chunk is in cache.
+                    slice_logits = torch.cat([model(self.model_input(chunk)) for chunk in chunks])
+                    model_logits.append(slice_logits.view(n_views, len(image_slice), -1))
+        per_model = []
+        for model_logits in logits:
+            probs = torch.cat(model_logits, dim=1).float().softmax(dim=-1)  # [K, B, C]
+            per_model.append(self.view_aggregator(Predictions.from_probs(probs)))
         members = Predictions(
             torch.stack([p.probs for p in per_model]), torch.stack([p.preds for p in per_model])
         )
         return self.model_aggregator(members)
+
+    def model_input(self, images: Tensor) -> Tensor:
+        """Normalised images in the models' memory layout."""
+        return self.input_spec.normalise(images).contiguous(memory_format=self.memory_format)
 
 
 @dataclasses.dataclass
