@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STRATEGIES ?= standard,mixed_precision,tta,ensemble,tta_ensemble
 
-.PHONY: install demo train test lint clean compare mlflow-ui textures train-textures demo-textures
+.PHONY: install demo train test lint clean compare mlflow-ui textures train-textures demo-textures bench
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ demo-textures: train-textures
 
 compare: train
 	$(PY) -m ml_infer -m +experiment=compare_all
+
+# What each strategy costs, side by side in one process (about 4 minutes here): outputs/bench/.
+bench: train
+	$(PY) scripts/bench.py
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000

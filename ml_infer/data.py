@@ -445,7 +445,10 @@ def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:
 def make_loader(
     dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
 ) -> DataLoader:
-    """A sequential loader; in-memory data sets are fetched a whole batch at a time."""
+    """A sequential loader; in-memory data sets are fetched a whole batch at a time. Worker
+    processes, when asked for, persist between passes: timing repeats whole passes, and workers
+    started anew for each pass cost more than they save on small images (scripts/bench.py).
+    """
     if batch_size < 1:
         raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
     if num_workers < 0:
@@ -458,6 +461,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         collate_fn=_as_is if batched_fetch else None,
+        persistent_workers=num_workers > 0,
     )
 
 

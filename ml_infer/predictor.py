@@ -93,23 +93,37 @@ def resolve_autocast_dtype(
     return None
 
 
-# Images per model forward for `engine.forward_batch_size: auto`, by device type. CPU: measured
-# with `python scripts/bench.py --sweep-only` (2 cores, torch 2.14.1, channels_last, BatchNorm
-# folded): the digits CNN runs within noise of its best from 128 to 1024 images, resnet18 at
-# 3x64x64 is best at 64-128 and 5-10% slower from 256 up (activations fall out of cache); 128
-# suits both. CUDA: not measured here; large enough to keep a GPU busy with small images
-# (`scripts/bench.py --device cuda` sweeps batch sizes up to the memory limit).
-AUTO_FORWARD_BATCH_SIZE = {"cpu": 128, "cuda": 1024}
+# `engine.forward_batch_size: auto`, measured with `python scripts/bench.py` (--sweep-only on
+# CPU, --device cuda on a GPU). CPU (2 cores, torch 2.14.1, channels_last, BatchNorm folded): the
+# digits CNN runs within noise of its best from 128 to 1024 images per forward, resnet18 at
+# 3x64x64 is best at 64-128 and 5-10% slower from 256 up (activations fall out of cache): 128
+# suits both. CUDA (H100, torch 2.11): throughput keeps rising with the batch until a forward
+# holds about 2^25-2^26 input values (digits 1x8x8: 95% of the best from 4096 images; resnet18 at
+# 3x64x64: 95% at 2048, 98% at 4096), so auto fills that many values: 4096 images of 3x64x64,
+# 256 of 3x224x224, at most 8192.
+CPU_AUTO_FORWARD_BATCH_SIZE = 128
+CUDA_AUTO_INPUT_VALUES = 2**26
+CUDA_AUTO_LIMITS = (16, 8192)
 
 
-def resolve_forward_batch_size(value: int | str, device: torch.device) -> int:
+def resolve_forward_batch_size(
+    value: int | str, device: torch.device, input_spec: InputSpec | None = None
+) -> int:
     """`engine.forward_batch_size` as a number: `auto` is the measured default of the device.
 
-    >>> resolve_forward_batch_size("auto", torch.device("cpu")) == AUTO_FORWARD_BATCH_SIZE["cpu"]
-    True
+    >>> resolve_forward_batch_size("auto", torch.device("cpu"))
+    128
+    >>> spec = InputSpec(size=(224, 224), channels=3, mean=(0.5,) * 3, std=(0.2,) * 3)
+    >>> resolve_forward_batch_size("auto", torch.device("cuda"), spec)
+    256
     """
     if value == "auto":
-        return AUTO_FORWARD_BATCH_SIZE.get(device.type, AUTO_FORWARD_BATCH_SIZE["cpu"])
+        if device.type != "cuda" or input_spec is None:
+            return CPU_AUTO_FORWARD_BATCH_SIZE
+        values_per_image = input_spec.channels * input_spec.size[0] * input_spec.size[1]
+        images = 2 ** int(math.log2(max(1, CUDA_AUTO_INPUT_VALUES // values_per_image)))
+        low, high = CUDA_AUTO_LIMITS
+        return min(max(images, low), high)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(
             f"engine.forward_batch_size must be a positive integer or auto, got {value!r}"
@@ -154,7 +168,7 @@ class Predictor:
         channels_last: bool = False,
         fold_batch_norms: bool = True,
     ) -> None:
-        self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device)
+        self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device, input_spec)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [
             (fold_batch_norm(m.eval()) if fold_batch_norms else m.eval()).to(

@@ -587,12 +587,22 @@ def ttach_installed() -> bool:
 
 
 def ttach_difference(workload: Workload, device: torch.device, settings: EngineSettings) -> float:
-    """Largest |ours - ttach| over the d4 mean-of-softmax probabilities of the first batch."""
+    """Largest |ours - ttach| over the d4 mean-of-softmax probabilities of the first batch.
+
+    Compared in full fp32: CUDA convolutions run in TF32 by default, whose 10-bit mantissa alone
+    moves probabilities by ~1e-4 between two layouts of the same model.
+    """
     if not ttach_installed():
         return math.nan
     batch = workload.batches[0]
-    ours = engine_predictor(workload, preset_views("d4"), 1, device, settings)(batch)
-    theirs = ttach_d4(workload.models[0], workload.input_spec)(batch)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            ours = engine_predictor(workload, preset_views("d4"), 1, device, settings)(batch)
+            theirs = ttach_d4(workload.models[0], workload.input_spec)(batch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
     return float((ours.probs - theirs.float()).abs().max())
 
 

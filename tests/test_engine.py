@@ -152,6 +152,29 @@ def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
     assert torch.equal(repeated.preds, once.preds) and len(repeated.labels) == 360
 
 
+class WorkerPids(torch.utils.data.Dataset):
+    """Each item is the id of the process that loaded it."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        import os
+
+        return os.getpid()
+
+
+def test_loader_workers_outlive_a_pass_so_repeated_timing_passes_reuse_them():
+    import os
+
+    from ml_infer.data import make_loader
+
+    loader = make_loader(WorkerPids(), batch_size=2, num_workers=1)
+    first, second = ([int(p) for batch in loader for p in batch] for _ in range(2))
+    assert os.getpid() not in first
+    assert len(set(first)) == 1 and first == second
+
+
 def test_bf16_autocast_path_agrees_with_fp32(fold_paths):
     # CPUs without native bf16 still run it (emulated, slowly); the engine must get it right.
     classifier = load_classifier(fold_paths[0])
