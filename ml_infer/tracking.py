@@ -21,6 +21,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,10 @@ from ml_infer.errors import UserError, exit_with
 log = logging.getLogger(__name__)
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
+SWEEP_START_FILE = ".sweep_started"  # its mtime tells this sweep's runs from an earlier sweep's
+# Run files written up to this long before the sweep's start marker still count as this sweep's:
+# with a remote launcher, another machine's clock stamps them.
+CLOCK_SLACK_S = 5.0
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _HTTP_TIMEOUT_S = 3.0
 
@@ -283,14 +288,27 @@ def sweep_failures() -> list[Path]:
     return list(_failed_jobs)
 
 
+def _sweep_start(sweep_dir: Path) -> float | None:
+    """When this sweep started, by its directory's clock, less the slack; None if unknown."""
+    try:
+        return (sweep_dir / SWEEP_START_FILE).stat().st_mtime - CLOCK_SLACK_S
+    except FileNotFoundError:
+        return None
+
+
 class SweepTracking(Callback):
     """Opens the sweep's parent MLflow run; when the sweep ends, writes and logs the comparison,
     lists the jobs that failed, and closes the parent run (FAILED if any job did)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _failed_jobs.clear()
+        if _side_process():
+            return
+        start_marker = Path(config.hydra.sweep.dir) / SWEEP_START_FILE
+        start_marker.parent.mkdir(parents=True, exist_ok=True)
+        start_marker.write_text(f"{time.time()}\n")
         tracking = config.get("tracking")
-        if not enabled(tracking) or _side_process():
+        if not enabled(tracking):
             return
         marker = Path(config.hydra.sweep.dir) / PARENT_RUN_FILE
         marker.unlink(missing_ok=True)  # a reused sweep dir must not nest runs under an old parent
@@ -311,9 +329,14 @@ class SweepTracking(Callback):
         if _side_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        _failed_jobs[:] = sorted(path.parent for path in sweep_dir.glob(f"*/{JOB_ERROR_FILE}"))
+        since = _sweep_start(sweep_dir)
+        _failed_jobs[:] = sorted(
+            path.parent
+            for path in sweep_dir.glob(f"*/{JOB_ERROR_FILE}")
+            if since is None or path.stat().st_mtime >= since
+        )
         try:
-            rows = write_comparison(sweep_dir)
+            rows = write_comparison(sweep_dir, since=since)
             if rows:
                 print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
                 print(markdown_table(rows), flush=True)

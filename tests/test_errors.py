@@ -3,7 +3,9 @@ traceback, and no result files written. Run as real subprocesses, as a user woul
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +188,29 @@ def test_a_sweep_with_a_failing_job_reports_the_others_and_exits_2(runs_dir, tmp
     assert (sweep_dir / "comparison.md").read_text().count("\n") == 3  # header, rule, one run
     assert "error: run 1_ensemble failed: 2 ensemble weights for 3 checkpoints" in result.stderr
     assert "Traceback" not in result.stderr
+
+    # A later sweep into the same directory reports its own runs only: an hour-old failure and
+    # an hour-old run of another strategy left there are not counted.
+    old_run = sweep_dir / "5_tta"
+    old_run.mkdir()
+    (old_run / "metrics.json").write_text(
+        (sweep_dir / "0_ensemble" / "metrics.json").read_text().replace('"ensemble"', '"tta"')
+    )
+    an_hour_ago = time.time() - 3600
+    for stale in (old_run / "metrics.json", sweep_dir / "1_ensemble" / "error.txt"):
+        os.utime(stale, (an_hour_ago, an_hour_ago))
+    again = run_cli(
+        [
+            "ml_infer",
+            "-m",
+            "strategy=ensemble",
+            f"runs_dir={runs_dir}",
+            "tracking=none",
+            "engine.min_timing_s=0",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "failed" not in again.stderr
+    assert (sweep_dir / "comparison.md").read_text().count("\n") == 3
+    assert "| tta |" not in (sweep_dir / "comparison.md").read_text()
