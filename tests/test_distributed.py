@@ -27,7 +27,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(
+    run_dir: Path, *overrides: str, processes: int = 2, multirun: bool = False
+) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
@@ -37,6 +39,7 @@ def torchrun(run_dir: Path, *overrides: str, processes: int = 2) -> subprocess.C
         f"--master_port={free_port()}",
         "-m",
         "ml_infer",
+        *(["-m"] if multirun else []),
         f"hydra.run.dir={run_dir}",
         "engine.min_timing_s=0",
         *overrides,
@@ -72,6 +75,25 @@ def test_two_processes_give_the_one_process_answer(overrides, runs_dir, tmp_path
         compose_config([*UNEVEN, *overrides], runs_dir=runs_dir), output_dir=tmp_path / "one"
     )
     assert_same_results(tmp_path / "two", tmp_path / "one", single)
+
+
+def test_a_sweep_under_two_processes_runs_every_job_on_the_same_process_group(runs_dir, tmp_path):
+    # The process group lives until the processes exit: ending it after a run would break the
+    # sweep's next run.
+    sweep_dir = tmp_path / "sweep"
+    torchrun(
+        tmp_path / "unused",
+        "strategy=accelerate,ensemble",
+        "strategy.runner=accelerate",
+        f"runs_dir={runs_dir}",
+        "tracking=none",
+        f"hydra.sweep.dir={sweep_dir}",
+        multirun=True,
+    )
+    for job in ("0_accelerate", "1_ensemble"):
+        metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
+        assert metrics["processes"] == 2 and metrics["n"] == 360, job
+    assert (sweep_dir / "comparison.md").read_text().count("\n") == 4  # header, rule, two runs
 
 
 def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
