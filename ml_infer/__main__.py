@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,7 +15,7 @@ from omegaconf import DictConfig
 
 from ml_infer.config import check_overrides, conf_dir, process_rank
 from ml_infer.errors import UserError, exit_with
-from ml_infer.outputs import JOB_ERROR_FILE
+from ml_infer.outputs import sweep_job_dir, write_job_error
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +32,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         metrics = evaluate(cfg)
     except UserError as error:
-        job_dir = _sweep_job_dir()
+        job_dir = sweep_job_dir()
         if job_dir is None:
             exit_with(error)
         log.error("error: %s", error)
-        (job_dir / JOB_ERROR_FILE).write_text(f"{error}\n")
+        write_job_error(job_dir, error)
         return {}
     if metrics:
         print(summary(metrics), flush=True)
     return metrics
-
-
-def _sweep_job_dir() -> Path | None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
-    return None
 
 
 def summary(metrics: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from ml_infer.baseline import BaselineCache, correct_by_position, standard_basel
 from ml_infer.config import instantiate_named
 from ml_infer.errors import UserError, one_of
 from ml_infer.outputs import (
+    current_sweep_id,
     remove_stale_results,
     write_json,
     write_predictions,
@@ -179,6 +180,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
     }
+    sweep_id = current_sweep_id()
+    if sweep_id:
+        metrics["sweep_id"] = sweep_id
     remove_stale_results(output_dir)
     write_resolved_config(output_dir / "resolved_config.yaml", cfg)
     write_skipped(output_dir / "skipped_files.csv", dataset.skipped)

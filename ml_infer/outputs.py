@@ -43,6 +43,66 @@ RESULT_FILES = (
 )
 
 
+# A sweep writes a fresh id here when it starts; each of its jobs stamps the id into its
+# metrics.json and error.txt, so that a sweep directory reused by a later sweep is reported for
+# the later sweep's runs only (jobs on other machines read it from the shared sweep directory).
+SWEEP_ID_FILE = ".sweep_id"
+
+
+def start_sweep(sweep_dir: Path) -> str:
+    """Writes a new id for the sweep about to run in `sweep_dir`, and returns it."""
+    import uuid
+
+    sweep_id = uuid.uuid4().hex
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_ID_FILE).write_text(f"{sweep_id}\n")
+    return sweep_id
+
+
+def sweep_id_of(sweep_dir: Path) -> str | None:
+    """The id of the sweep that last started in `sweep_dir` (None before any did)."""
+    try:
+        return (sweep_dir / SWEEP_ID_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def sweep_job_dir() -> Path | None:
+    """This job's run directory when it runs as part of a Hydra multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir)
+    return None
+
+
+def current_sweep_id() -> str | None:
+    """The id of the sweep this job belongs to (None outside a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if sweep_job_dir() is None:
+        return None
+    return sweep_id_of(Path(HydraConfig.get().sweep.dir))
+
+
+def write_job_error(job_dir: Path, error: Exception) -> None:
+    """A failed sweep job's error.txt: the message, then the sweep's id."""
+    sweep_id = current_sweep_id()
+    (job_dir / JOB_ERROR_FILE).write_text(
+        f"{error}\n" + (f"sweep {sweep_id}\n" if sweep_id else "")
+    )
+
+
+def read_job_error(job_dir: Path) -> tuple[str, str | None]:
+    """(message, sweep id or None) of a failed job's error.txt."""
+    lines = (job_dir / JOB_ERROR_FILE).read_text().splitlines()
+    sweep_id = next(
+        (line.split(" ", 1)[1] for line in lines[1:] if line.startswith("sweep ")), None
+    )
+    return (lines[0] if lines else ""), sweep_id
+
+
 def remove_stale_results(run_dir: Path) -> None:
     for name in RESULT_FILES:
         (run_dir / name).unlink(missing_ok=True)

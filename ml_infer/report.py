@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.outputs import atomic_write
+from ml_infer.outputs import atomic_write, sweep_id_of
 
 TABLE_COLUMNS = (
     ("run", "{}"),
@@ -40,19 +40,17 @@ TABLE_COLUMNS = (
 )
 
 
-def collect_runs(sweep_dir: str | Path, since: float | None = None) -> list[dict[str, Any]]:
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """Every scored run's metrics under `sweep_dir`, in job order, labelled by its overrides.
 
     Runs without an accuracy (`mode=predict`) have nothing to compare and are left out, and so
-    are runs whose metrics.json was last written before `since` (a time.time() value; runs of an
-    earlier sweep into the same directory).
+    are runs of an earlier sweep into the same directory (another sweep id than the last one).
     """
+    sweep_id = sweep_id_of(Path(sweep_dir))
     rows = []
     for metrics_path in sorted(Path(sweep_dir).glob("*/metrics.json"), key=_job_order):
-        if since is not None and metrics_path.stat().st_mtime < since:
-            continue
         metrics = json.loads(metrics_path.read_text())
-        if "accuracy" not in metrics:
+        if "accuracy" not in metrics or (sweep_id and metrics.get("sweep_id") != sweep_id):
             continue
         metrics["run"] = _run_label(metrics_path.parent)
         metrics["run_dir"] = str(metrics_path.parent)
@@ -117,14 +115,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_comparison(
-    out_dir: str | Path, rows: list[dict[str, Any]] | None = None, since: float | None = None
+    out_dir: str | Path, rows: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
     """Writes comparison.md, comparison.csv and pareto.png into `out_dir`; returns the rows.
 
-    `rows` default to the runs found under `out_dir` (a sweep directory) written since `since`.
+    `rows` default to the runs found under `out_dir` (a sweep directory).
     """
     out_dir = Path(out_dir)
-    rows = collect_runs(out_dir, since) if rows is None else rows
+    rows = collect_runs(out_dir) if rows is None else rows
     if not rows:
         return rows
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,6 @@ import platform
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,10 +34,6 @@ from ml_infer.errors import UserError, exit_with
 log = logging.getLogger(__name__)
 
 PARENT_RUN_FILE = "mlflow_parent_run.json"
-SWEEP_START_FILE = ".sweep_started"  # its mtime tells this sweep's runs from an earlier sweep's
-# Run files written up to this long before the sweep's start marker still count as this sweep's:
-# with a remote launcher, another machine's clock stamps them.
-CLOCK_SLACK_S = 5.0
 _MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 _HTTP_TIMEOUT_S = 3.0
 
@@ -288,14 +283,6 @@ def sweep_failures() -> list[Path]:
     return list(_failed_jobs)
 
 
-def _sweep_start(sweep_dir: Path) -> float | None:
-    """When this sweep started, by its directory's clock, less the slack; None if unknown."""
-    try:
-        return (sweep_dir / SWEEP_START_FILE).stat().st_mtime - CLOCK_SLACK_S
-    except FileNotFoundError:
-        return None
-
-
 class SweepTracking(Callback):
     """Opens the sweep's parent MLflow run; when the sweep ends, writes and logs the comparison,
     lists the jobs that failed, and closes the parent run (FAILED if any job did)."""
@@ -304,9 +291,9 @@ class SweepTracking(Callback):
         _failed_jobs.clear()
         if _side_process():
             return
-        start_marker = Path(config.hydra.sweep.dir) / SWEEP_START_FILE
-        start_marker.parent.mkdir(parents=True, exist_ok=True)
-        start_marker.write_text(f"{time.time()}\n")
+        from ml_infer.outputs import start_sweep
+
+        start_sweep(Path(config.hydra.sweep.dir))
         tracking = config.get("tracking")
         if not enabled(tracking):
             return
@@ -323,25 +310,27 @@ class SweepTracking(Callback):
             marker.write_text(json.dumps({"run_id": run_id, "uri": tracking.uri}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ml_infer.outputs import JOB_ERROR_FILE
+        from ml_infer.outputs import JOB_ERROR_FILE, read_job_error, sweep_id_of
         from ml_infer.report import markdown_table, write_comparison
 
         if _side_process():
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        since = _sweep_start(sweep_dir)
-        _failed_jobs[:] = sorted(
-            path.parent
+        sweep_id = sweep_id_of(sweep_dir)
+        errors = {
+            path.parent: read_job_error(path.parent)
             for path in sweep_dir.glob(f"*/{JOB_ERROR_FILE}")
-            if since is None or path.stat().st_mtime >= since
+        }
+        _failed_jobs[:] = sorted(
+            job for job, (_, job_sweep) in errors.items() if job_sweep == sweep_id
         )
         try:
-            rows = write_comparison(sweep_dir, since=since)
+            rows = write_comparison(sweep_dir)
             if rows:
                 print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
                 print(markdown_table(rows), flush=True)
             for job_dir in _failed_jobs:
-                error = (job_dir / JOB_ERROR_FILE).read_text().strip()
+                error = errors[job_dir][0]
                 print(f"error: run {job_dir.name} failed: {error}", file=sys.stderr, flush=True)
         finally:
             tracking = config.get("tracking")
