@@ -46,6 +46,13 @@ class BaselineCache:
             "data": OmegaConf.to_container(cfg.data.dataset, resolve=True),
             "split": cfg.data.split,
             "n": n_images,
+            # Float rounding, and so a near-tie's class, can depend on how the forward runs.
+            "engine": {
+                "device": cfg.device,
+                "channels_last": bool(cfg.engine.channels_last),
+                "fold_batch_norm": bool(cfg.engine.fold_batch_norm),
+                "forward_batch_size": cfg.engine.forward_batch_size,
+            },
         }
 
     def path(self, identity: dict[str, Any]) -> Path:
@@ -109,6 +116,8 @@ def compute_standard(
         first.input_spec,
         device=runner.device,
         forward_batch_size=predictor.forward_batch_size,
+        channels_last=predictor.memory_format == torch.channels_last,
+        fold_batch_norms=bool(cfg.engine.fold_batch_norm),
     )
     result = runner.predict(
         standard,

@@ -613,7 +613,7 @@ def ttach_difference(workload: Workload, device: torch.device, settings: EngineS
 def measure(
     rows: list[Row],
     standard: Row,
-    n_batches: int,
+    batch_sizes: Sequence[int],
     repeats: int,
     device: torch.device,
     *,
@@ -621,8 +621,9 @@ def measure(
 ) -> None:
     """Warms every row up, then times `repeats` rounds. Within a round every batch is run by every
     row in turn, in an order rotated from batch to batch, with a `standard` step on the same
-    batch before each. Standard's time in a round is the median of those steps: many samples
-    spread over the round, so a slow spell on a shared machine shifts it little, and a machine
+    batch before each. Standard's time in a round is the median of those steps per image, times
+    the images: many samples spread over the round, so a slow spell on a shared machine shifts
+    it little (and a short last batch counts for its size), and a machine
     that is slower or faster in one round than in another moves both sides of that round's
     ratios. `standard`'s own figures come from those steps (`record_standard`)."""
 
@@ -635,16 +636,18 @@ def measure(
 
     for row in [standard, *rows]:
         row.warm_up()
+    n_batches = len(batch_sizes)
     for round_index in range(repeats):
-        standard_steps: list[float] = []
+        standard_seconds_per_image: list[float] = []  # per image: batches may differ in size
         for row in rows:
             row.seconds.append(0.0)
         for batch_index in range(n_batches):
             shift = (round_index + batch_index) % len(rows)
             for row in rows[shift:] + rows[:shift]:
-                standard_steps.append(timed(standard.step, batch_index))
+                seconds = timed(standard.step, batch_index)
+                standard_seconds_per_image.append(seconds / batch_sizes[batch_index])
                 row.seconds[-1] += timed(row.step, batch_index)
-        standard_round = statistics.median(standard_steps) * n_batches
+        standard_round = statistics.median(standard_seconds_per_image) * sum(batch_sizes)
         for row in rows:
             row.standard_seconds.append(standard_round * row.passes_per_round)
         if record_standard:
@@ -922,8 +925,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     option(
         "--fold-batch-norms",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the Predictor's fold_batch_norms (default: on)",
+        help="engine.fold_batch_norm (default: conf/config.yaml)",
     )
     option("--stacked", action=argparse.BooleanOptionalAction, help="torch.func-stacked rows")
     option(
@@ -971,7 +973,8 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
     if str(forward_batch_size).isdigit():
         forward_batch_size = int(forward_batch_size)
     channels_last = engine.channels_last if args.channels_last is None else args.channels_last
-    return EngineSettings(forward_batch_size, bool(channels_last), args.fold_batch_norms)
+    fold = engine.fold_batch_norm if args.fold_batch_norms is None else args.fold_batch_norms
+    return EngineSettings(forward_batch_size, bool(channels_last), bool(fold))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1002,10 +1005,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             others = [row for row in workload_rows if row is not standard]
             shared = [row for row in others if row.group != "loader workers"]
             apart = [row for row in others if row.group == "loader workers"]
-            n_batches = len(workload.batches)
-            measure(shared, standard, n_batches, args.repeats, device)
+            batch_sizes = [len(batch) for batch in workload.batches]
+            measure(shared, standard, batch_sizes, args.repeats, device)
             if apart:
-                measure(apart, standard, n_batches, args.repeats, device, record_standard=False)
+                measure(apart, standard, batch_sizes, args.repeats, device, record_standard=False)
             rows += workload_rows
             differences[workload.name] = ttach_difference(workload, device, settings)
     sweeps = {

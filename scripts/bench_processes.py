@@ -18,6 +18,7 @@ evenly: 1 process uses all of them, N processes use cores/N threads each.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -109,8 +110,7 @@ def max_difference(run: tuple[dict, list[str]], reference: tuple[dict, list[str]
     if len(rows) != len(reference_rows) or rows[0] != reference_rows[0]:
         return math.inf
     largest = max(abs(metrics[k] - reference_metrics[k]) for k in COMPARED)
-    for row, reference_row in zip(rows[1:], reference_rows[1:]):
-        cells, reference_cells = row.split(","), reference_row.split(",")
+    for cells, reference_cells in zip(csv.reader(rows[1:]), csv.reader(reference_rows[1:])):
         if cells[:3] != reference_cells[:3]:  # index, label, predicted class
             return math.inf
         for value, reference_value in zip(cells[3:], reference_cells[3:]):

@@ -100,3 +100,21 @@ def test_a_tiny_run_measures_and_writes_every_row(bench, tmp_path, capsys, resto
     assert "avx512_bf16=" in printed and "_is_mkldnn_bf16_supported()=" in printed
     agreement = next(line for line in printed.splitlines() if "abs(tta d4 - ttach d4)" in line)
     assert agreement.rstrip(" |").endswith("yes")  # equal probabilities, not a timing
+
+
+def test_a_short_last_batch_counts_for_its_size(bench):
+    # Two steps that each take time in proportion to the batch: the same cost per image, so the
+    # efficiency is 1 whatever the sizes (counting the 8-image batch as a full one gave ~1.5).
+    import time
+
+    batch_sizes = [256, 256, 8]
+
+    def proportional(index: int) -> None:
+        time.sleep(batch_sizes[index] * 2e-5)
+
+    def row(name: str) -> bench.Row:
+        return bench.Row("fake", name, "fake", 1, sum(batch_sizes), proportional, lambda: None)
+
+    standard, same_cost = row("standard"), row("same cost")
+    bench.measure([same_cost], standard, batch_sizes, 3, torch.device("cpu"))
+    assert same_cost.efficiency == pytest.approx(1.0, abs=0.15)

@@ -194,3 +194,42 @@ def test_bf16_autocast_path_agrees_with_fp32(fold_paths):
     assert low.probs.dtype == torch.float32
     assert (low.preds == fp32.preds).float().mean() > 0.98
     assert torch.allclose(low.probs, fp32.probs, atol=0.05)
+
+
+def test_batch_norm_is_folded_into_the_trained_cnn_without_changing_its_outputs(fold_paths):
+    from ml_infer.predictor import fold_batch_norm
+
+    model = load_classifier(fold_paths[0]).model.eval()
+    folded = fold_batch_norm(model)
+    batch_norms = (torch.nn.modules.batchnorm._BatchNorm,)
+    assert any(isinstance(m, batch_norms) for m in model.modules())
+    assert not any(isinstance(m, batch_norms) for m in folded.modules())
+    images = digits_test_images()
+    with torch.inference_mode():
+        assert torch.allclose(folded(images), model(images), atol=1e-4)
+
+
+class SharedConv(torch.nn.Module):
+    """One convolution called twice, once followed by BatchNorm: folding would alter both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x)) + self.conv(x)
+
+
+def test_a_module_called_twice_is_not_folded():
+    from ml_infer.predictor import fold_batch_norm
+
+    model = SharedConv()
+    with torch.no_grad():
+        model.norm.running_mean.uniform_(-1, 1)
+        model.norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    folded = fold_batch_norm(model)
+    images = torch.rand(2, 1, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(folded(images), model(images))
