@@ -94,15 +94,13 @@ def standard_baseline(
         cached = cache.load(identity) if cache is not None and runner.is_main_process else None
         if runner.agree(cached is not None):
             return cached
-        baseline = compute_standard(cfg, first, predictor, dataset, runner)
+        baseline = compute_standard(cfg, first, dataset, runner)
     if runner.is_main_process and cache is not None:
         cache.store(identity, baseline)
     return baseline
 
 
-def compute_standard(
-    cfg: DictConfig, first: Any, predictor: Any, dataset: Any, runner: Any
-) -> torch.Tensor | None:
+def compute_standard(cfg: DictConfig, first: Any, dataset: Any, runner: Any) -> torch.Tensor | None:
     from ml_infer.aggregate import SoftVoting
     from ml_infer.augment import Views
     from ml_infer.predictor import Predictor
@@ -115,9 +113,9 @@ def compute_standard(
         SoftVoting(),
         first.input_spec,
         device=runner.device,
-        forward_batch_size=predictor.forward_batch_size,
-        channels_last=predictor.memory_format == torch.channels_last,
-        fold_batch_norms=bool(cfg.engine.fold_batch_norm),
+        forward_batch_size=cfg.engine.forward_batch_size,
+        channels_last=cfg.engine.channels_last,
+        fold_batch_norms=cfg.engine.fold_batch_norm,
     )
     result = runner.predict(
         standard,

@@ -22,6 +22,7 @@ from ml_infer.errors import UserError, one_of
 from ml_infer.outputs import (
     current_sweep_id,
     remove_stale_results,
+    sweep_dir,
     write_json,
     write_predictions,
     write_resolved_config,
@@ -140,8 +141,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     )
     output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
     if cfg.mode == "evaluate":
-        sweep_dir = _sweep_dir()
-        cache = BaselineCache(sweep_dir / "baselines") if sweep_dir else None
+        shared_dir = sweep_dir()
+        cache = BaselineCache(shared_dir / "baselines") if shared_dir else None
         baseline_correct = standard_baseline(
             cfg, predictor, members, dataset, runner, result, cache
         )
@@ -241,16 +242,6 @@ def configured_input_spec(cfg: DictConfig, path: Path):
     return InputSpec.from_dict(
         {"size": given.size, "channels": len(given.mean), "mean": given.mean, "std": given.std}
     )
-
-
-def _sweep_dir() -> Path | None:
-    """The directory a multirun's jobs share, or None outside a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().sweep.dir)
-    return None
 
 
 def _load_data(cfg: DictConfig, input_spec: Any):

@@ -67,23 +67,32 @@ def sweep_id_of(sweep_dir: Path) -> str | None:
         return None
 
 
-def sweep_job_dir() -> Path | None:
-    """This job's run directory when it runs as part of a Hydra multirun, else None."""
+def _multirun_job() -> Any:
+    """Hydra's runtime config of this job when it runs as part of a multirun, else None."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return Path(HydraConfig.get().runtime.output_dir)
+        return HydraConfig.get()
     return None
+
+
+def sweep_dir() -> Path | None:
+    """The directory that the jobs of this job's multirun share, or None outside a multirun."""
+    job = _multirun_job()
+    return Path(job.sweep.dir) if job is not None else None
+
+
+def sweep_job_dir() -> Path | None:
+    """This job's run directory when it runs as part of a multirun, else None."""
+    job = _multirun_job()
+    return Path(job.runtime.output_dir) if job is not None else None
 
 
 def current_sweep_id() -> str | None:
     """The id of the sweep this job belongs to (None outside a sweep)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if sweep_job_dir() is None:
-        return None
-    return sweep_id_of(Path(HydraConfig.get().sweep.dir))
+    shared = sweep_dir()
+    return sweep_id_of(shared) if shared is not None else None
 
 
 def write_job_error(job_dir: Path, error: Exception) -> None:

@@ -147,12 +147,12 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     try:
-        graph = symbolic_trace(model).graph
-        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        traced = symbolic_trace(model)
+        calls = Counter(node.target for node in traced.graph.nodes if node.op == "call_module")
         if any(count > 1 for count in calls.values()):
             log.info("BatchNorm not folded: the model calls a module at more than one place")
             return model
-        return fuse(model)
+        return fuse(traced, no_trace=True)  # fuse copies the traced model: `model` stays as is
     except Exception as error:  # noqa: BLE001 - any tracing failure means: run the model as is
         log.info(
             "BatchNorm not folded (%s: %s); running the model as is", type(error).__name__, error
@@ -334,25 +334,26 @@ def _timed_pass(
         disable=None if progress else True,
         leave=False,
     )
-    _synchronize(device)
+    synchronize(device)
     pass_start = time.perf_counter()
     for images, batch_labels, batch_positions in bar:
         batch_start = time.perf_counter()
         merged = predictor(images)
-        _synchronize(device)
+        synchronize(device)
         batch_seconds.append(time.perf_counter() - batch_start)
         batch = (merged.probs, merged.preds, batch_labels, torch.as_tensor(batch_positions))
         if gather is not None:
             batch = gather(tuple(t.to(device) for t in batch))
         if outputs is not None:
             outputs.append((batch[0].float().cpu(), batch[1].cpu(), batch[2].cpu(), batch[3].cpu()))
-    _synchronize(device)
+    synchronize(device)
     elapsed = time.perf_counter() - pass_start
     bar.close()
     return elapsed
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on CPU), so that a timer reads whole work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

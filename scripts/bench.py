@@ -72,7 +72,14 @@ from ml_infer.config import conf_dir
 from ml_infer.data import DigitsDataset, TensorImages, fit_images, make_loader
 from ml_infer.evaluate import build_views
 from ml_infer.models import SmallCNN, torchvision_classifier
-from ml_infer.predictor import Predictor, predict_dataset, resolve_autocast_dtype, resolve_device
+from ml_infer.predictor import (
+    Predictor,
+    cpu_supports_bf16,
+    predict_dataset,
+    resolve_autocast_dtype,
+    resolve_device,
+    synchronize,
+)
 
 log = logging.getLogger("bench")
 
@@ -207,12 +214,10 @@ def cpu_model() -> str:
 
 def machine_summary(device: torch.device) -> list[str]:
     flags = ", ".join(f"{flag}={'yes' if on else 'no'}" for flag, on in cpu_flags().items())
-    mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    mkldnn_bf16 = bool(mkldnn_check()) if mkldnn_check is not None else False
     lines = [
         f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"device {device}",
-        f"CPU flags: {flags}; torch.ops.mkldnn._is_mkldnn_bf16_supported()={mkldnn_bf16}",
+        f"CPU flags: {flags}; torch.ops.mkldnn._is_mkldnn_bf16_supported()={cpu_supports_bf16()}",
     ]
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
@@ -261,11 +266,6 @@ class OtherLoad:
             return math.nan
         total, busy, own = (after - before for after, before in zip(end, self.start))
         return max(0.0, busy - own) / total
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------
