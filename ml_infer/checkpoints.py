@@ -46,7 +46,7 @@ from torch import nn
 
 from ml_infer.config import instantiate
 from ml_infer.errors import UserError
-from ml_infer.models import check_trusted_architecture
+from ml_infer.models import checked_architecture, refuse_interpolations
 
 log = logging.getLogger(__name__)
 
@@ -273,32 +273,59 @@ def _describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFi
     if path.suffix == ".safetensors":
         return CheckpointFile(path, digest, "safetensors", contents)
     if {"model_state_dict", "classes", "input"} <= contents.keys():
-        if contents.get("format_version", 1) > FORMAT_VERSION:
+        version = contents.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise UserError(
-                f"checkpoint {path} is format {contents['format_version']}, newer than this "
-                f"ml_infer reads ({FORMAT_VERSION}); upgrade ml_infer"
+                f"checkpoint {path} is format {version!r}, not one this ml_infer reads "
+                f"(up to {FORMAT_VERSION}); upgrade ml_infer"
+            )
+        classes = contents["classes"]
+        if not isinstance(classes, (list, tuple)) or not all(
+            isinstance(name, (str, int)) for name in classes
+        ):
+            raise UserError(f"checkpoint {path}: classes must be a list of names")
+        if not isinstance(contents["input"], Mapping):
+            raise UserError(
+                f"checkpoint {path}: input must be a mapping, got {contents['input']!r}"
             )
         return CheckpointFile(
             path,
             digest,
             "ml_infer",
-            contents["model_state_dict"],
-            ema_state_dict=contents.get("ema_state_dict"),
+            _state_dict(contents["model_state_dict"], path, "model_state_dict"),
+            ema_state_dict=None
+            if contents.get("ema_state_dict") is None
+            else _state_dict(contents["ema_state_dict"], path, "ema_state_dict"),
             model_config=contents.get("model"),
-            classes=[str(name) for name in contents["classes"]],
+            classes=[str(name) for name in classes],
             input_spec=InputSpec.from_dict(contents["input"]),
         )
     if "model_state_dict" in contents:
-        run_config = contents.get("config") or _seed_run_config(path)
+        source = f"checkpoint {path}"
+        run_config = contents.get("config")
+        if not run_config:
+            run_config = _seed_run_config(path)
+            source = f"run config {path.parent.parent / 'config.yaml'}"
+        if not isinstance(run_config, Mapping):
+            raise UserError(f"checkpoint {path}: its config is a {type(run_config).__name__}")
         ema = contents.get("ema_state") or {}
+        num_classes = _get(run_config, "model", "num_classes")
+        refuse_interpolations(num_classes, source, "model.num_classes")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int)
+        ):
+            raise UserError(f"{source}: model.num_classes must be an integer, got {num_classes!r}")
+        ema_weights = ema.get("ema_model_state") if isinstance(ema, Mapping) else None
         return CheckpointFile(
             path,
             digest,
             "seed",
-            contents["model_state_dict"],
-            ema_state_dict=ema.get("ema_model_state"),
-            input_spec=_seed_input_spec(run_config),
-            num_classes=_get(run_config, "model", "num_classes"),
+            _state_dict(contents["model_state_dict"], path, "model_state_dict"),
+            ema_state_dict=None
+            if ema_weights is None
+            else _state_dict(ema_weights, path, "ema_state.ema_model_state"),
+            input_spec=_seed_input_spec(run_config, source),
+            num_classes=num_classes,
         )
     state_dict = contents.get("state_dict", contents)
     if state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -308,6 +335,15 @@ def _describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFi
         f"checkpoint {path} is not a format ml_infer reads (ml_infer's, the seed's best.pt, a "
         f"state dict, .safetensors); its keys: {keys}"
     )
+
+
+def _state_dict(value: Any, path: Path, key: str) -> Mapping[str, torch.Tensor]:
+    """`value` if it is a mapping of names to tensors, else a UserError naming the key."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()
+    ):
+        raise UserError(f"checkpoint {path}: {key} must map parameter names to tensors")
+    return value
 
 
 def load_classifier(
@@ -343,25 +379,33 @@ def load_classifier(
             f"checkpoint {path} ({checkpoint.format}) does not describe its input; set "
             "checkpoint.input.size=[H,W] checkpoint.input.mean=[...] checkpoint.input.std=[...]"
         )
+    state_dict, weights = _select_weights(checkpoint, use_ema)
     if model_config is None:
-        model_config = checkpoint.model_config
-        if not model_config or "_target_" not in model_config:
+        if not checkpoint.model_config or "_target_" not in checkpoint.model_config:
             raise UserError(
                 f"checkpoint {path} ({checkpoint.format}) does not name its architecture; "
                 "choose one with model= (e.g. model=small_cnn or model=resnet18)"
             )
-        check_trusted_architecture(model_config, f"checkpoint {path}")
+        architecture = checked_architecture(checkpoint.model_config, f"checkpoint {path}")
+        declared = architecture.arguments.get("num_classes")
+        if declared is not None and declared != len(classes):
+            raise UserError(
+                f"checkpoint {path}: its model has {declared} outputs but it lists "
+                f"{len(classes)} classes"
+            )
+        # Built on the meta device first (allocating nothing), so that weights of another shape
+        # are refused before a hostile config can ask for a huge model.
+        with torch.device("meta"):
+            skeleton = architecture.build()
+        check_weights_fit(skeleton, state_dict, path, architecture.target)
+        model = architecture.build()
+        model_config = {"_target_": architecture.target, **architecture.arguments}
         model_kwargs: dict[str, Any] = {}
     else:
         model_kwargs = {"in_channels": input_spec.channels, "num_classes": len(classes)}
-    model = instantiate(dict(model_config), **model_kwargs)
-    state_dict, weights = _select_weights(checkpoint, use_ema)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as error:
-        target = model_config["_target_"]
-        reason = " ".join(str(error).split())[:300]
-        raise UserError(f"checkpoint {path} does not fit architecture {target}: {reason}") from None
+        model = instantiate(dict(model_config), **model_kwargs)  # the user's own config
+        check_weights_fit(model, state_dict, path, str(model_config.get("_target_")))
+    model.load_state_dict(state_dict)
     return Classifier(
         path=path,
         model=model.eval(),
@@ -372,6 +416,63 @@ def load_classifier(
         sha256=checkpoint.sha256,
         format=checkpoint.format,
     )
+
+
+def check_weights_fit(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, target: str
+) -> None:
+    """A UserError naming the first few missing, unexpected or misshapen weights, if any."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    misshapen = [
+        key
+        for key in expected
+        if key in state_dict
+        and (
+            not isinstance(state_dict[key], torch.Tensor)
+            or tuple(state_dict[key].shape) != tuple(expected[key].shape)
+        )
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing weights {_first_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected weights {_first_few(unexpected)}")
+    if misshapen:
+        key = misshapen[0]
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key} is a {type(value).__name__}, not a tensor")
+        else:
+            have, want = list(value.shape), list(expected[key].shape)
+            hint = _shape_hint(key, have, want, list(expected))
+            problems.append(f"{key} has shape {have}, the model {want}{hint}")
+        if len(misshapen) > 1:
+            problems[-1] += f" (and {len(misshapen) - 1} more of another shape)"
+    if problems:
+        raise UserError(
+            f"checkpoint {path} does not fit architecture {target}: {'; '.join(problems)}"
+        )
+
+
+def _shape_hint(key: str, have: list[int], want: list[int], keys: list[str]) -> str:
+    """What a shape mismatch usually means: other input channels, or another number of classes."""
+    weights = [k for k in keys if k.endswith("weight")]
+    if len(have) == 4 == len(want) and weights and key == weights[0] and have[1] != want[1]:
+        return f": the checkpoint takes {have[1]} input channel(s), the model {want[1]}"
+    if key in keys[-2:] and have[:1] != want[:1]:
+        return f": the checkpoint has {have[0]} outputs, the model {want[0]} classes"
+    return ""
+
+
+def _first_few(keys: Sequence[str], shown: int = 3) -> str:
+    """
+    >>> _first_few(["a", "b", "c", "d", "e"])
+    'a, b, c (and 2 more)'
+    """
+    more = f" (and {len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
 
 
 def load_ensemble(
@@ -412,24 +513,43 @@ def load_ensemble(
 
 
 def _seed_run_config(path: Path) -> dict[str, Any]:
-    """The seed project's run config.yaml, beside the weights/ folder that holds `path`."""
+    """The seed project's run config.yaml, beside the weights/ folder that holds `path`.
+
+    Read as plain YAML data: `${...}` interpolations stay literal strings (and are refused where
+    a value is used), nothing is resolved or instantiated.
+    """
     candidate = path.parent.parent / "config.yaml"
     if not candidate.is_file():
         return {}
-    from omegaconf import OmegaConf
+    import yaml
 
-    return OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)
+    try:
+        config = yaml.safe_load(candidate.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise UserError(f"run config {candidate} is not readable YAML ({reason})") from None
+    if not isinstance(config, Mapping):
+        raise UserError(f"run config {candidate} is not a mapping of settings")
+    return dict(config)
 
 
-def _seed_input_spec(run_config: Mapping[str, Any]) -> InputSpec | None:
+def _seed_input_spec(run_config: Mapping[str, Any], source: str) -> InputSpec | None:
     """Input size and normalisation from the seed's run config, if it has them."""
-    size = _get(run_config, "transforms", "test", "resize") or _get(
-        run_config, "model", "input_size"
-    )
-    mean = _get(run_config, "transforms", "test", "normalize", "mean")
-    std = _get(run_config, "transforms", "test", "normalize", "std")
+    keys = {
+        "size": ("transforms", "test", "resize"),
+        "input_size": ("model", "input_size"),
+        "mean": ("transforms", "test", "normalize", "mean"),
+        "std": ("transforms", "test", "normalize", "std"),
+    }
+    values = {name: _get(run_config, *path) for name, path in keys.items()}
+    for name, path in keys.items():
+        refuse_interpolations(values[name], source, ".".join(path))
+    size = values["size"] or values["input_size"]
+    mean, std = values["mean"], values["std"]
     if size is None or mean is None or std is None:
         return None
+    if not isinstance(mean, list):
+        raise UserError(f"{source}: transforms.test.normalize.mean must be a list, got {mean!r}")
     return InputSpec.from_dict({"size": size, "channels": len(mean), "mean": mean, "std": std})
 
 

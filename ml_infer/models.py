@@ -1,33 +1,96 @@
-"""Classifier architectures that checkpoints name by `_target_`.
+"""Classifier architectures a checkpoint may name, and how they are built from its config.
 
-A checkpoint stores its model as a Hydra config (`{"_target_": "ml_infer.models.SmallCNN",
-...}`), so an architecture is any public callable returning an `nn.Module`. A checkpoint's own
-config is built only when `check_trusted_architecture` accepts it: its `_target_` is exactly one
-of `TRUSTED_ARCHITECTURES` (a prefix check would let `torchvision.models.resnet.torch.load`
-through), its arguments are plain values, and it asks for no pretrained download. A user who
-trusts another module names it with `model=` on the command line.
+A checkpoint stores its model as `{"_target_": "ml_infer.models.SmallCNN", <arguments>}`. That
+config is data from whoever made the file, so it is never handed to Hydra or OmegaConf (which
+resolve `${...}` interpolations, and `${oc.create:...}` builds a nested `_target_` config after
+any check of the outer one). `ARCHITECTURES` maps each trusted name to its Python callable, and
+`checked_architecture` calls it with arguments type-checked against that callable's signature:
+integers, finite floats, booleans and, for `torchvision_classifier`, a torchvision classifier
+name from torchvision's own list. Anything else is refused with one line naming the file and
+the key. A user who trusts another module names it with `model=` on the command line: that
+config is the user's own and goes through Hydra.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import inspect
+import math
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from ml_infer.errors import UserError
 
-TRUSTED_ARCHITECTURES = frozenset(
-    {"ml_infer.models.SmallCNN", "ml_infer.models.torchvision_classifier"}
-)
 _DOWNLOAD_ARGUMENTS = ("weights", "pretrained", "weights_backbone")
+_INTERPOLATION = "${"
 
 
-def check_trusted_architecture(config: Any, source: str) -> None:
-    """Raises a UserError unless `config` is a flat call of a trusted architecture.
+def find_interpolation(value: Any, path: str) -> tuple[str, str] | None:
+    """The first `${...}` string inside `value` (dicts, lists, tuples searched), as (path, text).
 
-    >>> check_trusted_architecture({"_target_": "ml_infer.models.SmallCNN", "width": 8}, "x.pt")
-    >>> check_trusted_architecture(
+    Shared containers (a pickle may reference one list many times) are visited once.
+
+    >>> find_interpolation({"a": [1, "${oc.env:HOME}"]}, "model")
+    ('model.a[1]', '${oc.env:HOME}')
+    >>> find_interpolation({"a": "plain $ text"}, "model") is None
+    True
+    """
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _INTERPOLATION in item:
+                return where, item
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, Mapping):
+            children = [(v, f"{where}.{k}") for k, v in item.items()]
+            children += [(k, f"{where} (a key)") for k in item]
+        elif isinstance(item, (list, tuple)):
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return None
+
+
+def refuse_interpolations(value: Any, source: str, path: str) -> None:
+    """A UserError naming `source` and the key when `value` holds a `${...}` string anywhere."""
+    found = find_interpolation(value, path)
+    if found is not None:
+        where, text = found
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise UserError(
+            f"{source}: {where} holds the interpolation {shown!r}; strings in a file are data "
+            "and are never resolved"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A trusted architecture and the checked arguments to build it with."""
+
+    target: str
+    arguments: dict[str, Any]
+
+    def build(self) -> nn.Module:
+        return ARCHITECTURES[self.target](**self.arguments)
+
+
+def checked_architecture(config: Any, source: str) -> Architecture:
+    """A checkpoint's model config as a call of a trusted architecture with checked arguments.
+
+    >>> checked_architecture(
+    ...     {"_target_": "ml_infer.models.SmallCNN", "in_channels": 1, "num_classes": 2}, "x.pt"
+    ... ).arguments
+    {'in_channels': 1, 'num_classes': 2}
+    >>> checked_architecture(
     ...     {"_target_": "torchvision.models.resnet.torch.load"}, "x.pt"
     ... )  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -36,23 +99,92 @@ def check_trusted_architecture(config: Any, source: str) -> None:
     """
     if not isinstance(config, Mapping):
         raise UserError(f"{source} has a model config that is not a mapping")
+    refuse_interpolations(config, source, "model")
     target = config.get("_target_")
-    if target not in TRUSTED_ARCHITECTURES:
+    if not isinstance(target, str) or target not in ARCHITECTURES:
         raise UserError(
             f"{source} names architecture {target!r}, which is not one ml_infer builds from a "
-            f"checkpoint ({', '.join(sorted(TRUSTED_ARCHITECTURES))}); "
+            f"checkpoint ({', '.join(sorted(ARCHITECTURES))}); "
             "to trust it, name it yourself with model="
         )
+    builder = ARCHITECTURES[target]
+    parameters = inspect.signature(builder).parameters
+    types = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
+    arguments: dict[str, Any] = {}
     for key, value in config.items():
-        if key != "_target_" and str(key).startswith("_"):
+        if key == "_target_":
+            continue
+        if not isinstance(key, str) or key.startswith("_"):
             raise UserError(f"{source}: model config key {key!r} is not allowed in a checkpoint")
         if key in _DOWNLOAD_ARGUMENTS:
             raise UserError(
                 f"{source}: model config asks for {key}={value!r}; nothing is downloaded"
             )
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if not all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
-            raise UserError(f"{source}: model config argument {key!r} must be a plain value")
+        if key not in parameters:
+            raise UserError(
+                f"{source}: model config argument {key!r} is not one {target} takes; "
+                f"valid: {', '.join(parameters)}"
+            )
+        arguments[key] = _checked_argument(value, types[key], key, source)
+    missing = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is inspect.Parameter.empty and name not in arguments
+    ]
+    if missing:
+        raise UserError(f"{source}: model config lacks {', '.join(missing)} for {target}")
+    return Architecture(target, arguments)
+
+
+# Upper bounds that keep a hostile config from allocating without limit before its weights are
+# compared (a model is first built on the meta device, which allocates nothing, see checkpoints).
+_ARGUMENT_RANGES: dict[str, tuple[float, float]] = {
+    "in_channels": (1, 3),
+    "num_classes": (1, 100_000),
+    "width": (1, 4096),
+    "dropout": (0.0, 1.0),
+}
+
+
+def _checked_argument(value: Any, expected: Any, key: str, source: str) -> Any:
+    where = f"{source}: model config argument {key!r}"
+    if isinstance(value, (dict, list, tuple)) or value is None:
+        kind = "nothing" if value is None else f"a {type(value).__name__}"
+        raise UserError(f"{where} must be a plain value ({_type_name(expected)}), got {kind}")
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value)
+    elif expected is str:
+        valid = _STRING_CHOICES[key]()
+        if not isinstance(value, str) or value not in valid:
+            raise UserError(f"{where} is {value!r}; valid: {', '.join(valid)}")
+        return value
+    else:  # an argument type this loader has no check for: not settable from a checkpoint
+        raise UserError(f"{where} cannot be set from a checkpoint")
+    if not ok:
+        raise UserError(
+            f"{where} must be {_type_name(expected)}, got {type(value).__name__} {value!r}"
+        )
+    low, high = _ARGUMENT_RANGES.get(key, (-math.inf, math.inf))
+    if not low <= value <= high:
+        raise UserError(f"{where} is {value!r}; valid: {low:g} to {high:g}")
+    return value
+
+
+def _type_name(expected: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a name"}
+    return names.get(expected, str(expected))
+
+
+def torchvision_classifier_names() -> list[str]:
+    """The classification architectures torchvision builds (no detection/segmentation/video)."""
+    from torchvision import models
+
+    return sorted(models.list_models(module=models))
 
 
 class SmallCNN(nn.Sequential):
@@ -94,7 +226,7 @@ def torchvision_classifier(name: str, in_channels: int, num_classes: int) -> nn.
     """
     from torchvision import models
 
-    valid = sorted(models.list_models(module=models))
+    valid = torchvision_classifier_names()
     if name not in valid:
         raise UserError(f"unknown torchvision model {name!r}; valid: {', '.join(valid)}")
     model = models.get_model_builder(name)(weights=None, num_classes=num_classes)
@@ -118,3 +250,12 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 setattr(parent, child_name, replacement)
                 return
     raise UserError(f"no 3-channel input convolution to adapt to {in_channels} channels")
+
+
+# The architectures a checkpoint may name, by the `_target_` it names them with.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "ml_infer.models.SmallCNN": SmallCNN,
+    "ml_infer.models.torchvision_classifier": torchvision_classifier,
+}
+# The valid values of each string argument of a trusted architecture.
+_STRING_CHOICES: dict[str, Callable[[], list[str]]] = {"name": torchvision_classifier_names}

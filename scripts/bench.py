@@ -70,6 +70,7 @@ from ml_infer.augment import Brightness, Contrast, Views
 from ml_infer.checkpoints import InputSpec, load_classifier
 from ml_infer.config import conf_dir
 from ml_infer.data import DigitsDataset, TensorImages, fit_images, make_loader
+from ml_infer.errors import UserError, exit_with
 from ml_infer.evaluate import build_views
 from ml_infer.models import SmallCNN, torchvision_classifier
 from ml_infer.predictor import (
@@ -1044,4 +1045,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as error:
+        exit_with(error)
