@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import check_overrides, conf_dir, process_rank
-from ml_infer.errors import UserError, exit_with
-from ml_infer.outputs import sweep_job_dir, write_job_error
+from ml_infer.config import check_command_line, conf_dir, process_rank
+from ml_infer.errors import (
+    Interrupted,
+    UserError,
+    brief,
+    exit_interrupted,
+    exit_with,
+    stop_on_signals,
+)
+from ml_infer.outputs import remove_stale_results, sweep_job_dir, write_job_error
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +33,46 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     A UserError ends a single run with one line on stderr and exit code 2. In a sweep it fails
     only its own job (written to the job's error.txt); the sweep goes on, reports the runs that
-    finished, and exits 2 at the end.
+    finished, and exits 2 at the end. Whatever stops a run (bad input, a full disk, SIGINT or
+    SIGTERM) leaves no result file in its run directory that could pass for a complete run.
     """
     from ml_infer.evaluate import evaluate
+    from ml_infer.tracking import TrackingFailed
 
+    run_dir = _run_dir()
     try:
         metrics = evaluate(cfg)
+    except TrackingFailed as error:
+        # The results are complete and written; only logging them failed.
+        return _failed(error)
     except UserError as error:
-        job_dir = sweep_job_dir()
-        if job_dir is None:
-            exit_with(error)
-        log.error("error: %s", error)
-        write_job_error(job_dir, error)
-        return {}
+        remove_stale_results(run_dir)
+        return _failed(error)
+    except OSError as error:  # a full disk or a folder that turned unwritable mid-run
+        remove_stale_results(run_dir)
+        where = f": {error.filename}" if error.filename else ""
+        return _failed(UserError(f"{error.strerror or brief(error)}{where}"))
+    except BaseException:
+        remove_stale_results(run_dir)
+        raise
     if metrics:
         print(summary(metrics), flush=True)
     return metrics
+
+
+def _failed(error: UserError) -> dict[str, Any]:
+    job_dir = sweep_job_dir()
+    if job_dir is None:
+        exit_with(error)
+    log.error("error: %s", error)
+    write_job_error(job_dir, error)
+    return {}
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -110,8 +142,9 @@ def _close_process_group() -> None:
 
 
 def main() -> None:
+    stop_on_signals()
     try:
-        check_overrides(sys.argv[1:])
+        check_command_line(sys.argv[1:])
     except UserError as error:
         exit_with(error)
     rank = process_rank()
@@ -119,6 +152,8 @@ def main() -> None:
         sys.argv += side_process_overrides(rank)
     try:
         _hydra_entry()
+    except Interrupted as interrupted:
+        exit_interrupted(interrupted, "the run stopped and left no results")
     finally:
         _close_process_group()
     from ml_infer.tracking import sweep_failures

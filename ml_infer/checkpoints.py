@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ml_infer.config import instantiate
-from ml_infer.errors import UserError
+from ml_infer.errors import UserError, brief
 from ml_infer.models import checked_architecture, refuse_interpolations
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
             f"checkpoint {path} is corrupt or truncated, or not a PyTorch file"
         ) from None
     except (RuntimeError, EOFError, IndexError, ValueError, zipfile.BadZipFile) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = brief(error) or type(error).__name__
         raise UserError(
             f"checkpoint {path} is corrupt or truncated, or not a PyTorch file ({reason})"
         ) from None
@@ -254,7 +254,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(path)
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:
-        raise UserError(f"checkpoint {path} is not a valid safetensors file ({error})") from None
+        raise UserError(f"checkpoint {path} is not a valid safetensors file ({brief(error)})") from None
 
 
 def open_checkpoint(path: str | Path) -> CheckpointFile:

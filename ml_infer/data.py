@@ -14,9 +14,10 @@ the files that could not be used, with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ml_infer.errors import UserError, one_of
+from ml_infer.errors import UserError, brief, one_of
 
 log = logging.getLogger(__name__)
 
@@ -295,16 +296,45 @@ def decode_images(
     def decode(path: Path) -> np.ndarray | str:
         try:
             return read_image(path, size=size, channels=channels)
+        except ImageTooLarge as error:
+            return str(error)
         except Exception as error:  # PIL raises many types for bad files
-            return (
-                f"unreadable image ({type(error).__name__}: {' '.join(str(error).split())[:120]})"
-            )
+            return f"unreadable image ({type(error).__name__}: {brief(error, 120)})"
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(decode, paths))
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        with _own_size_limit():
+            results = list(pool.map(decode, paths))
+    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     images = [r if isinstance(r, np.ndarray) else None for r in results]
     errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
     return DecodedImages(images, errors)
+
+
+# Larger images are skipped unread: PIL warns from this size on that a file may be a
+# decompression bomb (a small file that decodes to gigabytes).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
+
+
+@contextlib.contextmanager
+def _own_size_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check off while `read_image` applies MAX_IMAGE_PIXELS itself:
+    PIL would warn (a multi-line warning per file) or raise while opening, before the file can be
+    skipped with a reason."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -312,6 +342,11 @@ def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarra
     from PIL import Image
 
     with Image.open(path) as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ImageTooLarge(
+                f"image of {image.width}x{image.height} pixels is larger than the limit of "
+                f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?); skipped unread"
+            )
         image.load()
         image = _to_8bit(image)
         if channels == 1:
@@ -409,8 +444,9 @@ def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
     sizes = set()
     for path in paths:
         try:
-            with Image.open(path) as image:
-                sizes.add((image.height, image.width))
+            with _own_size_limit(), Image.open(path) as image:
+                if image.width * image.height <= MAX_IMAGE_PIXELS:
+                    sizes.add((image.height, image.width))
         except Exception:  # reported when decoding
             continue
     if len(sizes) != 1:

@@ -1,16 +1,31 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""The exception types that mean "stop and tell the user", and how they are told.
 
-Entry points print its message as a single line and exit non-zero; anything else is a bug
-and keeps its traceback.
+Entry points print a `UserError` as a single line and exit 2; an `Interrupted` run (SIGINT,
+SIGTERM) says so in one line and exits 130 / 143; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
 import os
+import re
+import signal
 import sys
+from types import FrameType
 from typing import NoReturn
 
 
 class UserError(ValueError):
     """Bad input: the message names the bad value and, where there is a list, the valid ones."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The process was asked to stop (SIGINT or SIGTERM). A KeyboardInterrupt, so that it passes
+    the `except Exception` handlers of Hydra and of libraries, and cleanup code still runs."""
+
+    def __init__(self, signal_number: int) -> None:
+        self.signal_name = signal.Signals(signal_number).name
+        self.exit_code = 128 + signal_number
+        super().__init__(self.signal_name)
 
 
 def one_of(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> UserError:
@@ -22,9 +37,44 @@ def one_of(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> User
     return UserError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
 
 
+def brief(text: object, limit: int = 200) -> str:
+    """A third-party message cut to its first line and first sentence, at most `limit` characters.
+
+    >>> brief("PytorchStreamReader failed reading zip archive: failed finding central directory. "
+    ...       "This is a bug, please report it to PyTorch.")
+    'PytorchStreamReader failed reading zip archive: failed finding central directory'
+    >>> brief("(sqlite3.DatabaseError) file is not a database\\n[SQL: SELECT 1]")
+    '(sqlite3.DatabaseError) file is not a database'
+    """
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    first = re.split(r"(?<=[a-z0-9)\]'\"])\.\s+(?=[A-Z(\[])", first, maxsplit=1)[0].rstrip(".")
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def exit_with(error: UserError) -> NoReturn:
     """One line on stderr and exit code 2; the traceback only with HYDRA_FULL_ERROR=1."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, once: a second signal during
+    the cleanup that the first one started is ignored, so that cleanup finishes."""
+
+    def handler(signal_number: int, frame: FrameType | None) -> None:
+        for name in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(name, signal.SIG_IGN)
+        raise Interrupted(signal_number)
+
+    for name in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(name, handler)
+
+
+def exit_interrupted(interrupted: Interrupted, what: str) -> NoReturn:
+    """One line saying the run stopped, and the shell's exit code for the signal (130, 143)."""
+    print(f"error: interrupted by {interrupted.signal_name}; {what}", file=sys.stderr, flush=True)
+    sys.exit(interrupted.exit_code)

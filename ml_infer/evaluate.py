@@ -119,6 +119,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         forward_batch_size=cfg.engine.forward_batch_size,
         channels_last=cfg.engine.channels_last,
         fold_batch_norms=cfg.engine.fold_batch_norm,
+        member_names=[f"checkpoint {member.path}" for member in members],
     )
     log.info(
         "%s: %d view(s) x %d model(s) = %d forward passes per image, %s on %s, %d images",

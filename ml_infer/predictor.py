@@ -176,6 +176,7 @@ class Predictor:
         forward_batch_size: int | Literal["auto"] = "auto",
         channels_last: bool = False,
         fold_batch_norms: bool = True,
+        member_names: Sequence[str] | None = None,
     ) -> None:
         self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device, input_spec)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -193,6 +194,30 @@ class Predictor:
         self.memory_format = memory_format
         self.input_spec = input_spec
         model_aggregator.check_members(len(self.models))
+        self.member_names = list(member_names or (f"model {i}" for i in range(len(models))))
+        # Images whose logits held a NaN or an infinity, per model, counted on the device.
+        self.nonfinite_images = torch.zeros(len(self.models), dtype=torch.int64, device=device)
+
+    def check_finite(self, n_images: int) -> None:
+        """A UserError when any model gave NaN or infinite outputs since the last check: such
+        outputs would poison every merged probability and metric, so nothing is computed from
+        them. Resets the counts."""
+        counts = self.nonfinite_images.tolist()
+        self.nonfinite_images.zero_()
+        bad = [(name, count) for name, count in zip(self.member_names, counts) if count]
+        if not bad:
+            return
+        name, count = bad[0]
+        hint = (
+            "; fp16 autocast overflows for some models: try strategy.autocast_dtype=bf16 or fp32"
+            if self.autocast_dtype == torch.float16
+            else ""
+        )
+        others = f" (and {len(bad) - 1} more model(s))" if len(bad) > 1 else ""
+        raise UserError(
+            f"{name} gave NaN or infinite outputs for {count} of {n_images} images{others}; "
+            f"no result was computed from them{hint}"
+        )
 
     @property
     def forward_passes_per_image(self) -> int:
@@ -226,8 +251,11 @@ class Predictor:
                     slice_logits = torch.cat([model(self.model_input(chunk)) for chunk in chunks])
                     model_logits.append(slice_logits.view(n_views, len(image_slice), -1))
         per_model = []
-        for model_logits in logits:
-            probs = torch.cat(model_logits, dim=1).float().softmax(dim=-1)  # [K, B, C]
+        for index, model_logits in enumerate(logits):
+            all_logits = torch.cat(model_logits, dim=1).float()  # [K, B, C]
+            nonfinite = ~torch.isfinite(all_logits).all(dim=-1).all(dim=0)  # [B]
+            self.nonfinite_images[index] += nonfinite.sum()
+            probs = all_logits.softmax(dim=-1)
             per_model.append(self.view_aggregator(Predictions.from_probs(probs)))
         members = Predictions(
             torch.stack([p.probs for p in per_model]), torch.stack([p.preds for p in per_model])
@@ -285,11 +313,13 @@ def predict_dataset(
     memory = _PeakMemory(device)
     outputs: list[tuple[Tensor, ...]] = []
     batch_seconds: list[float] = []
+    predictor.nonfinite_images.zero_()  # the warm-up batch is counted again in the first pass
     pass_seconds = [
         _timed_pass(predictor, loader, gather, batch_seconds, outputs, progress, n_batches)
     ]
     if not outputs:
         raise UserError("the data loader yielded no batches")
+    predictor.check_finite(sum(len(batch[1]) for batch in outputs))
     repeats = 0
     if 0 < pass_seconds[0] < min_timing_s:
         repeats = min(math.ceil(min_timing_s / pass_seconds[0]) - 1, max_timing_passes - 1)
