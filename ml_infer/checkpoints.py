@@ -151,8 +151,11 @@ def save_checkpoint(
     if ema_state_dict is not None:
         payload["ema_state_dict"] = {k: v.detach().cpu().clone() for k, v in ema_state_dict.items()}
     partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ml_infer.config import conf_dir
-from ml_infer.errors import UserError, exit_with
+from ml_infer.config import check_command_line, conf_dir
+from ml_infer.errors import Interrupted, UserError, exit_interrupted, exit_with, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,15 @@ def _hydra_entry(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`ml-infer-train` / `python -m ml_infer.train`."""
-    _hydra_entry()
+    stop_on_signals()
+    try:
+        check_command_line(sys.argv[1:], config_name="train")
+    except UserError as error:
+        exit_with(error)
+    try:
+        _hydra_entry()
+    except Interrupted as interrupted:
+        exit_interrupted(interrupted, "training stopped; folds already written are complete")
 
 
 if __name__ == "__main__":
