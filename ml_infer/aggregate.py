@@ -9,7 +9,8 @@ Members arrive as `Predictions(probs [N, B, C], preds [N, B])` and leave as
 - `GeometricMean`: the normalised geometric mean of probabilities.
 - `HardVoting` (TTA `vote`, ensemble `hard_voting`): the majority class of the members' own
   predictions. Ties go to the tied class with the larger summed probability, then to the lower
-  class index. `probs` is the (weighted) vote share of each class, so accuracy, NLL and
+  class index (vote shares and summed probabilities within 1e-6 count as equal, so the winner
+  does not depend on the members' order). `probs` is the (weighted) vote share of each class, so accuracy, NLL and
   calibration stay defined.
 
 A single member is returned unchanged by every aggregator: one view or one model is itself.
@@ -29,7 +30,7 @@ from torch import Tensor
 
 from ml_infer.errors import UserError
 
-# Weighted vote shares are float sums; shares this close count as a tie.
+# Vote shares and summed probabilities are float sums: values this close count as a tie.
 _TIE_TOLERANCE = 1e-6
 # Floor for log(0) in the geometric mean.
 _LOG_FLOOR = 1e-12
@@ -63,10 +64,12 @@ def normalised_weights(weights: Sequence[float]) -> Tensor:
     negative = [v for v in values if v < 0]
     if negative:
         raise UserError(f"ensemble weights must be non-negative, got {values}")
-    total = sum(values)
-    if total == 0:
+    largest = max(values)
+    if largest == 0:
         raise UserError(f"ensemble weights are all zero ({values}); at least one must be positive")
-    return torch.tensor([v / total for v in values], dtype=torch.float64)
+    scaled = [v / largest for v in values]  # so that the sum of huge weights cannot overflow
+    total = sum(scaled)
+    return torch.tensor([v / total for v in scaled], dtype=torch.float64)
 
 
 class Aggregator:
@@ -162,7 +165,10 @@ class HardVoting(Aggregator):
         votes = torch.nn.functional.one_hot(members.preds, n_classes).to(weights.dtype)
         shares = (votes * weights).sum(dim=0)
         tied = shares >= shares.amax(dim=-1, keepdim=True) - _TIE_TOLERANCE
-        summed_probs = (members.probs * weights).sum(dim=0)
+        # Summed in float64 and compared with a tolerance: a float32 sum depends on the members'
+        # order in its last bits, and the winner of a tie must not.
+        summed_probs = (members.probs.double() * weights.double()).sum(dim=0)
         tie_break = summed_probs.masked_fill(~tied, -1.0)
-        # argmax returns the first maximum, i.e. the lowest class index among exact ties.
-        return Predictions(shares, tie_break.argmax(dim=-1))
+        best = tie_break >= tie_break.amax(dim=-1, keepdim=True) - _TIE_TOLERANCE
+        # argmax returns the first maximum, i.e. the lowest class index among the best.
+        return Predictions(shares, best.to(torch.uint8).argmax(dim=-1))

@@ -46,8 +46,11 @@ def expected_calibration_error(
 ) -> float:
     """ECE with equal-width confidence bins: sum over bins of |bin| / N * |accuracy - confidence|.
 
-    The confidence of a sample is the probability of its predicted class. Bins are [lo, hi) with
-    confidence 1.0 in a bin of its own, as torchmetrics' `multiclass_calibration_error` does.
+    The confidence of a sample is the probability of its predicted class. Bins are
+    [j/n, (j+1)/n) with confidence 1.0 in a bin of its own, as torchmetrics'
+    `multiclass_calibration_error` bins them, except that the edges here are exact (j/n in the
+    probabilities' dtype): torchmetrics' `linspace` edges are an ulp off at some j, which moves a
+    confidence lying exactly on such an edge (a vote share of 1/5 or 2/5) one bin down.
 
     >>> probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     >>> preds, labels = torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 0, 0])
@@ -56,7 +59,7 @@ def expected_calibration_error(
     """
     confidence = probs.gather(1, preds.view(-1, 1)).squeeze(1)
     correct = (preds == labels).to(probs.dtype)
-    boundaries = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype)
+    boundaries = torch.arange(n_bins + 1, dtype=probs.dtype) / n_bins
     bin_index = torch.bucketize(confidence, boundaries, right=True) - 1
     confidence_sums = torch.bincount(bin_index, weights=confidence, minlength=n_bins + 1)
     correct_sums = torch.bincount(bin_index, weights=correct, minlength=n_bins + 1)
