@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STRATEGIES ?= standard,mixed_precision,tta,ensemble,tta_ensemble
 
-.PHONY: install demo train test lint clean compare mlflow-ui textures train-textures demo-textures bench
+.PHONY: install demo train test test-fast lint clean compare mlflow-ui textures train-textures demo-textures bench
 
 install: $(STAMP)
 
@@ -51,10 +51,16 @@ mlflow-ui: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+	$(VENV)/bin/mypy
+
+# The quick loop: everything but subprocess sweeps, torchrun, mlflow servers and end-to-end runs.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ml_infer tests scripts
 	$(VENV)/bin/ruff format --check ml_infer tests scripts
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf outputs runs datasets

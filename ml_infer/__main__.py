@@ -21,6 +21,7 @@ from ml_infer.errors import (
     brief,
     exit_interrupted,
     exit_with,
+    received_interrupt,
     stop_on_signals,
 )
 from ml_infer.outputs import remove_stale_results, sweep_job_dir, write_job_error
@@ -42,18 +43,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = _run_dir()
     try:
         metrics = evaluate(cfg)
-    except TrackingFailed as error:
-        # The results are complete and written; only logging them failed.
-        return _failed(error)
-    except UserError as error:
+    except BaseException as error:
+        interrupted = received_interrupt()
+        if isinstance(error, TrackingFailed) and interrupted is None:
+            return _failed(error)  # the results are complete and written; only logging failed
         remove_stale_results(run_dir)
-        return _failed(error)
-    except OSError as error:  # a full disk or a folder that turned unwritable mid-run
-        remove_stale_results(run_dir)
-        where = f": {error.filename}" if error.filename else ""
-        return _failed(UserError(f"{error.strerror or brief(error)}{where}"))
-    except BaseException:
-        remove_stale_results(run_dir)
+        if interrupted is not None:
+            raise interrupted from None  # whatever a library made of the signal
+        if isinstance(error, UserError):
+            return _failed(error)
+        if isinstance(error, OSError):  # a full disk or a folder that turned unwritable mid-run
+            where = f": {error.filename}" if error.filename else ""
+            return _failed(UserError(f"{error.strerror or brief(error)}{where}"))
         raise
     if metrics:
         print(summary(metrics), flush=True)

@@ -10,8 +10,8 @@ Members arrive as `Predictions(probs [N, B, C], preds [N, B])` and leave as
 - `HardVoting` (TTA `vote`, ensemble `hard_voting`): the majority class of the members' own
   predictions. Ties go to the tied class with the larger summed probability, then to the lower
   class index (vote shares and summed probabilities within 1e-6 count as equal, so the winner
-  does not depend on the members' order). `probs` is the (weighted) vote share of each class, so accuracy, NLL and
-  calibration stay defined.
+  does not depend on the members' order). `probs` is the (weighted) vote share of each class,
+  so accuracy, NLL and calibration stay defined.
 
 A single member is returned unchanged by every aggregator: one view or one model is itself.
 

@@ -95,7 +95,7 @@ def standard_baseline(
         if runner.agree(cached is not None):
             return cached
         baseline = compute_standard(cfg, first, dataset, runner)
-    if runner.is_main_process and cache is not None:
+    if runner.is_main_process and cache is not None and baseline is not None:
         cache.store(identity, baseline)
     return baseline
 

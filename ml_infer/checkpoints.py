@@ -179,11 +179,14 @@ def _numpy_data_globals() -> list[Any]:
 
     Files pickled under numpy 1 name the same functions `numpy.core.*`, hence the aliases.
     """
+    import importlib
+
     import numpy as np
     import numpy.dtypes
 
-    reconstruct = np._core.multiarray._reconstruct
-    scalar = np._core.multiarray.scalar
+    multiarray = importlib.import_module("numpy._core.multiarray")
+    reconstruct = multiarray._reconstruct
+    scalar = multiarray.scalar
     dtype_classes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     return [
         np.ndarray,
@@ -257,7 +260,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(path)
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:
-        raise UserError(f"checkpoint {path} is not a valid safetensors file ({brief(error)})") from None
+        raise UserError(
+            f"checkpoint {path} is not a valid safetensors file ({brief(error)})"
+        ) from None
 
 
 def open_checkpoint(path: str | Path) -> CheckpointFile:

@@ -183,7 +183,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         if action.nargs is None and action.option_strings
         for option in action.option_strings
     }
-    flags, overrides = [], []
+    flags: list[str] = []
+    overrides: list[str] = []
     for index, token in enumerate(argv):
         follows_flag = index > 0 and argv[index - 1] in one_value_flags
         is_override = _OVERRIDE.match(token) and not follows_flag and not Path(token).exists()

@@ -38,6 +38,17 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
 
 
+def plain_dict(node: Any) -> dict[str, Any]:
+    """A config mapping as a plain dict, interpolations resolved (for the user's own config only:
+    a file's contents are never resolved)."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(container, dict):
+        raise UserError(f"expected a mapping, got {container!r}")
+    return {str(key): value for key, value in container.items()}
+
+
 def instantiate(config: Any, **kwargs: Any) -> Any:
     """`hydra.utils.instantiate`, logging what it builds; a UserError raised inside stays one."""
     from hydra.errors import InstantiationException
@@ -142,7 +153,7 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> None
 
     def first_value(override: Any) -> str | None:
         if not override.is_sweep_override():
-            return override.input_line
+            return str(override.input_line)
         try:
             value = next(iter(override.sweep_string_iterator()))
         except Exception:  # noqa: BLE001 - glob() sweeps need Hydra's loader: Hydra judges them
@@ -166,9 +177,10 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> None
     for override in parsed:
         if is_group(override) or override.is_add() or override.is_delete():
             continue
-        if override.input_line.startswith("++"):
+        line = str(override.input_line)
+        if line.startswith("++"):
             continue
-        _check_key(groups_only, override.key_or_group, override.input_line)
+        _check_key(groups_only, override.key_or_group, line)
     cfg = composed(parsed)
     run_dir = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:

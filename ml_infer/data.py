@@ -77,7 +77,7 @@ class SkippedFile:
     reason: str
 
 
-class TensorImages(Dataset):
+class TensorImages(Dataset[tuple[Tensor, Tensor, int]]):
     """Images already in memory; a batch is fetched with one indexing op, not per sample.
 
     Items are `(image, label, position)`: the position in this data set, which `sample_ids`
@@ -261,7 +261,8 @@ class UnlabelledImages(TensorImages):
 
 def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
     """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
-    images, others = [], []
+    images: list[Path] = []
+    others: list[Path] = []
     for path in sorted(directory.rglob("*")):
         if any(_hidden(part) for part in path.relative_to(directory).parts) or not path.is_file():
             continue
@@ -290,8 +291,8 @@ def decode_images(
     if channels not in (1, 3):
         raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
     size = _size_pair(image_size)
-    if size is None and paths:
-        size = _common_size(paths)
+    if size is None:
+        size = _common_size(paths) if paths else (1, 1)
 
     def decode(path: Path) -> np.ndarray | str:
         try:
@@ -405,8 +406,9 @@ def _load_images(
             skipped[0].path,
             skipped[0].reason,
         )
+    kept_images = [image for image in decoded.images if image is not None]
     return {
-        "images": torch.from_numpy(np.stack([decoded.images[i] for i in kept])),
+        "images": torch.from_numpy(np.stack(kept_images)),
         "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
         "sample_ids": [_relative(paths[i], root) for i in kept],
         "skipped": sorted(skipped, key=lambda entry: entry.path),
@@ -464,7 +466,7 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:
+def build_dataset(data_config: Any, split: str, **kwargs: Any) -> TensorImages:
     """The configured data set's `split`, fitted to a model's input (`image_size`, `channels`)."""
     from omegaconf import OmegaConf
 
@@ -473,14 +475,16 @@ def build_dataset(data_config: Any, split: str, **kwargs: Any) -> Dataset:
     if "root" in data_config.keys() and OmegaConf.is_missing(data_config, "root"):
         raise UserError(f"data={data_config.name} needs data.root=DIR, the folder of images")
     dataset = instantiate(data_config.dataset, split=split, **kwargs)
+    if not isinstance(dataset, TensorImages):
+        raise UserError(f"data.dataset built a {type(dataset).__name__}, not an ml_infer data set")
     if len(dataset) == 0:
         raise UserError(f"data set {data_config.name!r} split {split!r} has no images")
     return dataset
 
 
 def make_loader(
-    dataset: Dataset, *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
-) -> DataLoader:
+    dataset: Dataset[Any], *, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader[Any]:
     """A sequential loader; in-memory data sets are fetched a whole batch at a time. Worker
     processes, when asked for, persist between passes: timing repeats whole passes, and workers
     started anew for each pass cost more than they save on small images (scripts/bench.py).

@@ -16,7 +16,13 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.data import make_loader
-from ml_infer.predictor import DatasetPredictions, Predictor, predict_dataset, resolve_device
+from ml_infer.predictor import (
+    DatasetPredictions,
+    Gather,
+    Predictor,
+    predict_dataset,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class SingleProcessRunner:
     def prepare(self, loader: DataLoader) -> DataLoader:
         return loader
 
-    gather = None
+    gather: Gather | None = None
 
     def agree(self, value: Any) -> Any:
         """The main process's `value`, so that every process takes the same branch."""
@@ -90,13 +96,14 @@ class AccelerateRunner(SingleProcessRunner):
                 self.accelerator.device,
             )
         self.device = self.accelerator.device
+        self.gather = self._gather
         self.is_main_process = self.accelerator.is_main_process
         self.num_processes = self.accelerator.num_processes
 
     def prepare(self, loader: DataLoader) -> DataLoader:
         return self.accelerator.prepare_data_loader(loader)
 
-    def gather(self, outputs: Any) -> Any:
+    def _gather(self, outputs: Any) -> Any:
         return self.accelerator.gather_for_metrics(outputs)
 
     def agree(self, value: Any) -> Any:

@@ -61,6 +61,16 @@ def exit_with(error: UserError) -> NoReturn:
     sys.exit(2)
 
 
+# The signal that stopped this process, once one has: a library that catches the Interrupted
+# raised inside it (torch.load re-raises it as a RuntimeError) must not turn it into bad input.
+_received: list[int] = []
+
+
+def received_interrupt() -> Interrupted | None:
+    """The Interrupted this process was stopped by, if a signal has arrived."""
+    return Interrupted(_received[0]) if _received else None
+
+
 def stop_on_signals() -> None:
     """SIGINT and SIGTERM raise `Interrupted` in the main thread, once: a second signal during
     the cleanup that the first one started is ignored, so that cleanup finishes."""
@@ -68,6 +78,7 @@ def stop_on_signals() -> None:
     def handler(signal_number: int, frame: FrameType | None) -> None:
         for name in (signal.SIGINT, signal.SIGTERM):
             signal.signal(name, signal.SIG_IGN)
+        _received.append(signal_number)
         raise Interrupted(signal_number)
 
     for name in (signal.SIGINT, signal.SIGTERM):

@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from ml_infer.baseline import BaselineCache, correct_by_position, standard_baseline
-from ml_infer.config import instantiate_named
+from ml_infer.config import instantiate_named, plain_dict
 from ml_infer.errors import UserError, one_of
 from ml_infer.outputs import (
     current_sweep_id,
@@ -81,6 +81,10 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         raise one_of("strategy.runner", strategy.runner, RUNNERS)
     if cfg.mode == "predict" and not cfg.predict.root:
         raise UserError("mode=predict needs predict.root=DIR, a folder of images")
+    if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
+        from ml_infer.tracking import preflight
+
+        preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
     views = build_views(cfg.tta.augmentations)
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
@@ -98,9 +102,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     members = load_ensemble(
         checkpoints,
         use_ema=cfg.use_ema,
-        model_config=None
-        if cfg.get("model") is None
-        else OmegaConf.to_container(cfg.model, resolve=True),
+        model_config=None if cfg.get("model") is None else plain_dict(cfg.model),
         classes=checkpoints[0].classes or cfg.checkpoint.classes or dataset.classes,
         input_spec=input_spec,
         allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,

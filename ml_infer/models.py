@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import typing
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -108,8 +107,7 @@ def checked_architecture(config: Any, source: str) -> Architecture:
             "to trust it, name it yourself with model="
         )
     builder = ARCHITECTURES[target]
-    parameters = inspect.signature(builder).parameters
-    types = typing.get_type_hints(builder.__init__ if isinstance(builder, type) else builder)
+    parameters = inspect.signature(builder, eval_str=True).parameters
     arguments: dict[str, Any] = {}
     for key, value in config.items():
         if key == "_target_":
@@ -125,7 +123,7 @@ def checked_architecture(config: Any, source: str) -> Architecture:
                 f"{source}: model config argument {key!r} is not one {target} takes; "
                 f"valid: {', '.join(parameters)}"
             )
-        arguments[key] = _checked_argument(value, types[key], key, source)
+        arguments[key] = _checked_argument(value, parameters[key].annotation, key, source)
     missing = [
         name
         for name, parameter in parameters.items()
@@ -229,7 +227,7 @@ def torchvision_classifier(name: str, in_channels: int, num_classes: int) -> nn.
     valid = torchvision_classifier_names()
     if name not in valid:
         raise UserError(f"unknown torchvision model {name!r}; valid: {', '.join(valid)}")
-    model = models.get_model_builder(name)(weights=None, num_classes=num_classes)
+    model: nn.Module = models.get_model_builder(name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         _replace_first_conv(model, in_channels)
     return model
@@ -242,9 +240,9 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
                 replacement = nn.Conv2d(
                     in_channels,
                     child.out_channels,
-                    kernel_size=child.kernel_size,
-                    stride=child.stride,
-                    padding=child.padding,
+                    kernel_size=cast(tuple[int, int], child.kernel_size),
+                    stride=cast(tuple[int, int], child.stride),
+                    padding=cast(tuple[int, int], child.padding),
                     bias=child.bias is not None,
                 )
                 setattr(parent, child_name, replacement)

@@ -181,9 +181,9 @@ class Predictor:
         self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device, input_spec)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [
-            (fold_batch_norm(m.eval()) if fold_batch_norms else m.eval()).to(
-                device=device, memory_format=memory_format
-            )
+            (fold_batch_norm(m.eval()) if fold_batch_norms else m.eval())
+            .to(device)
+            .to(memory_format=memory_format)
             for m in models
         ]
         self.views = views

@@ -2,24 +2,29 @@
 
     python -m ml_infer.report outputs/multirun/2026-11-25/12-00-00     # a sweep directory
     python -m ml_infer.report ml_infer-digits --out outputs/report    # an MLflow experiment
+    python -m ml_infer.report outputs/multirun/2026-11-25/12-00-00 --sync   # log missed runs
 
 From a sweep directory it reads each run's `metrics.json` (labelled by its
 `.hydra/overrides.yaml`); from an MLflow experiment, each finished strategy run's metrics and
-params. It writes `comparison.md`, `comparison.csv` and `pareto.png`.
+params. It writes `comparison.md`, `comparison.csv` and `pareto.png`. Files are read as data
+(json, yaml.safe_load: a `${...}` in them stays text); a run directory whose files cannot be
+read, or do not hold what a run writes, is skipped with one line on stderr saying why.
+
+`--sync` logs the runs of a sweep that missed live MLflow logging (the tracking store was down)
+from their run directories, under the sweep's parent run, and closes that run FAILED.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.outputs import atomic_write, sweep_id_of
+from ml_infer.outputs import atomic_write, read_json_object, read_overrides, sweep_id_of
 
 TABLE_COLUMNS = (
     ("run", "{}"),
@@ -45,17 +50,76 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
     Runs without an accuracy (`mode=predict`) have nothing to compare and are left out, and so
     are runs of an earlier sweep into the same directory (another sweep id than the last one).
+    A run directory whose metrics.json cannot be read or is not a run's metrics is skipped
+    with one line on stderr naming it and why.
     """
     sweep_id = sweep_id_of(Path(sweep_dir))
     rows = []
-    for metrics_path in sorted(Path(sweep_dir).glob("*/metrics.json"), key=_job_order):
-        metrics = json.loads(metrics_path.read_text())
+    paths = sorted(Path(sweep_dir).glob("*/metrics.json"), key=lambda p: job_order(p.parent))
+    for metrics_path in paths:
+        run_dir = metrics_path.parent
+        try:
+            metrics = read_json_object(metrics_path)
+        except (OSError, ValueError) as error:
+            _skip(run_dir, str(error) if isinstance(error, ValueError) else _os_reason(error))
+            continue
         if "accuracy" not in metrics or (sweep_id and metrics.get("sweep_id") != sweep_id):
             continue
-        metrics["run"] = _run_label(metrics_path.parent)
-        metrics["run_dir"] = str(metrics_path.parent)
+        problem = metrics_shape_problem(metrics)
+        if problem:
+            _skip(run_dir, f"metrics.json {problem}")
+            continue
+        metrics["run"] = _run_label(run_dir)
+        metrics["run_dir"] = str(run_dir)
         rows.append(metrics)
     return add_derived_columns(rows)
+
+
+# Fields of metrics.json that the table, the CSV and the plot compute with.
+_NUMERIC_FIELDS = (
+    "accuracy",
+    "accuracy_ci95_low",
+    "accuracy_ci95_high",
+    "accuracy_delta_vs_standard",
+    "accuracy_delta_ci95_low",
+    "accuracy_delta_ci95_high",
+    "mcnemar_p_vs_standard",
+    "macro_f1",
+    "nll",
+    "ece",
+    "images_per_s",
+    "forward_passes_per_image",
+    "views",
+    "models",
+)
+
+
+def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
+    """What is wrong with a run's metrics for the comparison, or None.
+
+    >>> metrics_shape_problem({"accuracy": 0.9, "checkpoint_sha256": ["a"]}) is None
+    True
+    >>> metrics_shape_problem({"accuracy": "0.9"})
+    "has accuracy='0.9', not a number"
+    """
+    for name in _NUMERIC_FIELDS:
+        value = metrics.get(name)
+        if name in metrics and value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"has {name}={value!r:.40}, not a number"
+    checkpoints = metrics.get("checkpoint_sha256")
+    if checkpoints is not None and not isinstance(checkpoints, list):
+        return f"has checkpoint_sha256={checkpoints!r:.40}, not a list"
+    return None
+
+
+def _skip(run_dir: Path, why: str) -> None:
+    print(f"warning: skipping run {run_dir}: {why}", file=sys.stderr, flush=True)
+
+
+def _os_reason(error: OSError) -> str:
+    name = Path(error.filename).name if error.filename else "a file"
+    return f"cannot read {name} ({error.strerror or error})"
 
 
 def collect_mlflow_runs(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
@@ -283,7 +347,7 @@ def plot_confusion_matrix(
     plt.close(figure)
 
 
-def _pyplot():
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,22 +356,51 @@ def _pyplot():
     return plt
 
 
-def _job_order(metrics_path: Path) -> tuple[int, str]:
-    prefix = metrics_path.parent.name.split("_", 1)[0]
-    return (int(prefix) if prefix.isdigit() else 1 << 30, metrics_path.parent.name)
+def job_order(run_dir: Path) -> tuple[int, str]:
+    """Sweep jobs by number (`<n>_<strategy>`), then by name."""
+    prefix = run_dir.name.split("_", 1)[0]
+    return (int(prefix) if prefix.isdigit() else 1 << 30, run_dir.name)
 
 
 def _run_label(run_dir: Path) -> str:
-    overrides_path = run_dir / ".hydra" / "overrides.yaml"
-    if overrides_path.is_file():
-        from omegaconf import OmegaConf
+    """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), or
+    the directory's name when it has none or they cannot be read."""
+    from ml_infer.config import run_label
 
-        from ml_infer.config import run_label
+    overrides = read_overrides(run_dir)
+    return (run_label(overrides) if overrides else "") or run_dir.name
 
-        label = run_label(list(OmegaConf.load(overrides_path)))
-        if label:
-            return label
-    return run_dir.name
+
+DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"
+
+
+def sync(sweep_dir: Path, tracking_uri: str | None) -> int:
+    """`--sync`: logs the sweep's runs that missed live logging; 0 when every run is logged."""
+    from ml_infer.errors import UserError
+
+    if not sweep_dir.is_dir():
+        print(f"error: --sync needs a sweep directory; {sweep_dir} is not one", file=sys.stderr)
+        return 2
+    from ml_infer.tracking import sync_sweep
+
+    try:
+        result = sync_sweep(sweep_dir, tracking_uri)
+    except UserError as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    for run_dir, why in result.skipped:
+        _skip(run_dir, why)
+    for run_dir, why in result.failed:
+        print(f"error: run {run_dir.name} could not be logged: {why}", file=sys.stderr)
+    if result.uri is None:
+        print(f"nothing to sync in {sweep_dir}: every run is logged to MLflow")
+        return 0
+    print(
+        f"logged {len(result.logged)} run(s) of {sweep_dir} to {result.uri} under the sweep's "
+        f"parent run {result.parent_run_id}"
+        + (f" (closed {result.parent_status})" if result.parent_status else "")
+    )
+    return 2 if result.failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -318,8 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("source", help="a Hydra multirun directory, or an MLflow experiment name")
     parser.add_argument(
         "--tracking-uri",
-        default="sqlite:///outputs/mlflow.db",
-        help="where the experiment lives (default: %(default)s)",
+        default=None,
+        help=f"where the experiment lives (default: {DEFAULT_TRACKING_URI}); with --sync: the "
+        "store to log into (default: the one the sweep recorded)",
+    )
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="log the runs of the sweep directory SOURCE that missed live MLflow logging, under "
+        "the sweep's parent run, and close that run FAILED (runs already logged are left alone)",
     )
     parser.add_argument(
         "--out",
@@ -330,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     source = Path(args.source)
+    if args.sync:
+        return sync(source, args.tracking_uri)
     if source.is_dir():
         rows = collect_runs(source)
         out_dir = args.out or source
@@ -337,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ml_infer.errors import UserError
 
         try:
-            rows = collect_mlflow_runs(args.source, args.tracking_uri)
+            rows = collect_mlflow_runs(args.source, args.tracking_uri or DEFAULT_TRACKING_URI)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ml_infer.config import check_command_line, conf_dir
+from ml_infer.config import check_command_line, conf_dir, plain_dict
 from ml_infer.errors import Interrupted, UserError, exit_interrupted, exit_with, stop_on_signals
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def train_folds(cfg: DictConfig) -> list[Path]:
     images, labels = dataset.pixels(), dataset.labels
     channels = images.shape[1]
     input_spec = InputSpec(
-        size=tuple(images.shape[-2:]),
+        size=(images.shape[-2], images.shape[-1]),
         channels=channels,
         mean=tuple(images.mean(dim=(0, 2, 3)).tolist()),
         std=tuple(images.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()),
@@ -97,7 +97,7 @@ def train_folds(cfg: DictConfig) -> list[Path]:
     ):
         seed = cfg.seed + fold
         torch.manual_seed(seed)
-        model_config = OmegaConf.to_container(cfg.model, resolve=True) | {
+        model_config = plain_dict(cfg.model) | {
             "in_channels": channels,
             "num_classes": len(dataset.classes),
         }

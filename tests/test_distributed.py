@@ -116,6 +116,7 @@ def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
         "__main__.log",
         "confusion_matrix.png",
         "metrics.json",
+        "mlflow_run.json",
         "predictions.csv",
         "resolved_config.yaml",
     ]

@@ -207,7 +207,7 @@ def test_unreachable_store_warns_and_keeps_local_results(runs_dir, tmp_path):
     assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
 
 
-def test_required_tracking_fails_after_writing_local_results(runs_dir, tmp_path):
+def test_required_tracking_fails_before_any_work(runs_dir, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
     result = run_cli(
@@ -223,8 +223,10 @@ def test_required_tracking_fails_after_writing_local_results(runs_dir, tmp_path)
     assert result.stderr.strip().splitlines() == [
         line for line in result.stderr.strip().splitlines() if line.startswith("error: ")
     ]
+    assert len(result.stderr.strip().splitlines()) == 1
     assert uri in result.stderr and "unreachable" in result.stderr
-    assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
+    assert "forward passes per image" not in result.stdout  # the store is checked first
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "predictions.csv").exists()
 
 
 def test_tracking_none_writes_no_store(runs_dir, tmp_path, monkeypatch):
