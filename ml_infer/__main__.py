@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import check_command_line, conf_dir, process_rank
+from ml_infer.config import conf_dir, process_rank, quote_override_value
 from ml_infer.errors import (
     Interrupted,
     UserError,
@@ -24,25 +23,35 @@ from ml_infer.errors import (
     received_interrupt,
     stop_on_signals,
 )
-from ml_infer.outputs import remove_stale_results, sweep_job_dir, write_job_error
+from ml_infer.outputs import (
+    failed_jobs,
+    new_sweep_id,
+    remove_stale_results,
+    start_sweep,
+    sweep_job_dir,
+    write_job_error,
+)
+from ml_infer.precheck import check_command_line
+from ml_infer.sweeplock import acquire_sweep_lock, release_sweep_lock
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """The task: evaluate and print a summary.
+    """The task: evaluate, record, track, and print a summary.
 
     A UserError ends a single run with one line on stderr and exit code 2. In a sweep it fails
     only its own job (written to the job's error.txt); the sweep goes on, reports the runs that
     finished, and exits 2 at the end. Whatever stops a run (bad input, a full disk, SIGINT or
     SIGTERM) leaves no result file in its run directory that could pass for a complete run.
     """
-    from ml_infer.evaluate import evaluate
+    # Imported here, not at the top: the name checks of main() answer before torch is imported.
+    from ml_infer.task import hydra_run_dir, run_evaluation
     from ml_infer.tracking import TrackingFailed
 
-    run_dir = _run_dir()
+    run_dir = hydra_run_dir()
     try:
-        metrics = evaluate(cfg)
+        metrics = run_evaluation(cfg, run_dir)
     except BaseException as error:
         interrupted = received_interrupt()
         if isinstance(error, TrackingFailed) and interrupted is None:
@@ -68,12 +77,6 @@ def _failed(error: UserError) -> dict[str, Any]:
     log.error("error: %s", error)
     write_job_error(job_dir, error)
     return {}
-
-
-def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -144,22 +147,34 @@ def _close_process_group() -> None:
 
 def main() -> None:
     stop_on_signals()
+    multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
     try:
-        check_command_line(sys.argv[1:])
+        output_dir = check_command_line(sys.argv[1:])
     except UserError as error:
         exit_with(error)
     rank = process_rank()
+    lock, sweep_id = None, None
     if rank > 0:
         sys.argv += side_process_overrides(rank)
+    elif multirun and output_dir is not None:
+        # The sweep owns its directory from before its first job (its jobs, on any launcher,
+        # share it); the directory is pinned so that Hydra uses the one that was locked.
+        sys.argv.append(f"hydra.sweep.dir={quote_override_value(str(output_dir))}")
+        sweep_id = new_sweep_id()
+        try:
+            lock = acquire_sweep_lock(output_dir, sweep_id)
+        except UserError as error:
+            exit_with(error)
+        start_sweep(output_dir, sweep_id)
     try:
         _hydra_entry()
     except Interrupted as interrupted:
         exit_interrupted(interrupted, "the run stopped and left no results")
     finally:
         _close_process_group()
-    from ml_infer.tracking import sweep_failures
-
-    if sweep_failures():
+        if lock is not None:
+            release_sweep_lock(lock)
+    if output_dir is not None and sweep_id is not None and failed_jobs(output_dir, sweep_id):
         sys.exit(2)
 
 

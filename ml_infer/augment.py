@@ -18,9 +18,7 @@ import torch
 from torch import Tensor
 
 from ml_infer.errors import UserError
-
-# torchvision's rgb_to_grayscale weights, so `Contrast` matches `adjust_contrast` exactly.
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+from ml_infer.inputs import grayscale
 
 
 class Augmentation:
@@ -170,17 +168,6 @@ class Contrast(_Intensity):
 
     def reference(self, images: Tensor) -> Tensor:
         return grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
-
-
-def grayscale(images: Tensor) -> Tensor:
-    """Luminance [B, 1, H, W] of RGB images (torchvision's weights); gray images as they are."""
-    if images.shape[-3] == 1:
-        return images
-    if images.shape[-3] != 3:
-        return images.mean(dim=-3, keepdim=True)
-    red, green, blue = images.unbind(dim=-3)
-    weights = _GRAY_WEIGHTS
-    return (weights[0] * red + weights[1] * green + weights[2] * blue).unsqueeze(-3)
 
 
 class Views:

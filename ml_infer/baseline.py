@@ -3,27 +3,37 @@
 The baseline is the run's first checkpoint, fp32, no views. A run that is itself standard is its
 own baseline. In a sweep, the baseline's per-sample correctness is stored in
 `<sweep>/baselines/` under a key of everything that decides it (checkpoint bytes, raw or EMA
-weights, architecture, input, data set and split), and later jobs of the sweep reuse it instead
-of running it again; jobs that run at the same time (joblib) may each compute it once.
+weights, architecture, input, data set and split, engine settings), and later jobs of the sweep
+reuse it instead of running it again; jobs that run at the same time (joblib) may each compute
+it once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ml_infer.aggregate import SoftVoting
+from ml_infer.augment import Views
+from ml_infer.bank import Classifier
+from ml_infer.config import plain_dict
+from ml_infer.data import TensorImages
 from ml_infer.outputs import write_json
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.runners import DatasetPredictions, Runner
 
 log = logging.getLogger(__name__)
 
 
-def correct_by_position(result: Any) -> torch.Tensor:
+def correct_by_position(result: DatasetPredictions) -> torch.Tensor:
     """Per-sample correctness [N] in data-set order (a multi-process gather may reorder samples)."""
     correct = torch.empty(len(result.labels), dtype=torch.bool)
     correct[result.positions] = result.preds == result.labels
@@ -37,22 +47,19 @@ class BaselineCache:
         self.directory = directory
 
     @staticmethod
-    def identity(cfg: DictConfig, first_member: Any, n_images: int) -> dict[str, Any]:
+    def identity(
+        cfg: DictConfig, engine: EngineSettings, first_member: Classifier, n_images: int
+    ) -> dict[str, Any]:
         return {
             "checkpoint_sha256": first_member.sha256,
             "weights": first_member.weights,
             "model": first_member.model_config,
             "input": first_member.input_spec.to_dict(),
-            "data": OmegaConf.to_container(cfg.data.dataset, resolve=True),
+            "data": plain_dict(cfg.data.dataset),
             "split": cfg.data.split,
             "n": n_images,
             # Float rounding, and so a near-tie's class, can depend on how the forward runs.
-            "engine": {
-                "device": cfg.device,
-                "channels_last": bool(cfg.engine.channels_last),
-                "fold_batch_norm": bool(cfg.engine.fold_batch_norm),
-                "forward_batch_size": cfg.engine.forward_batch_size,
-            },
+            "engine": {"device": cfg.device, **dataclasses.asdict(engine)},
         }
 
     def path(self, identity: dict[str, Any]) -> Path:
@@ -74,11 +81,12 @@ class BaselineCache:
 
 def standard_baseline(
     cfg: DictConfig,
-    predictor: Any,
-    members: list,
-    dataset: Any,
-    runner: Any,
-    result: Any,
+    engine: EngineSettings,
+    predictor: Predictor,
+    members: Sequence[Classifier],
+    dataset: TensorImages,
+    runner: Runner,
+    result: DatasetPredictions,
     cache: BaselineCache | None,
 ) -> torch.Tensor | None:
     """Per-sample correctness of `standard` (on the main process; None on the others).
@@ -87,24 +95,26 @@ def standard_baseline(
     baseline must be computed.
     """
     first = members[0]
-    identity = BaselineCache.identity(cfg, first, len(dataset))
+    identity = BaselineCache.identity(cfg, engine, first, len(dataset))
     if predictor.forward_passes_per_image == 1 and predictor.autocast_dtype is None:
         baseline = correct_by_position(result) if runner.is_main_process else None
     else:
         cached = cache.load(identity) if cache is not None and runner.is_main_process else None
         if runner.agree(cached is not None):
             return cached
-        baseline = compute_standard(cfg, first, dataset, runner)
+        baseline = compute_standard(cfg, engine, first, dataset, runner)
     if runner.is_main_process and cache is not None and baseline is not None:
         cache.store(identity, baseline)
     return baseline
 
 
-def compute_standard(cfg: DictConfig, first: Any, dataset: Any, runner: Any) -> torch.Tensor | None:
-    from ml_infer.aggregate import SoftVoting
-    from ml_infer.augment import Views
-    from ml_infer.predictor import Predictor
-
+def compute_standard(
+    cfg: DictConfig,
+    engine: EngineSettings,
+    first: Classifier,
+    dataset: TensorImages,
+    runner: Runner,
+) -> torch.Tensor | None:
     log.info("computing the standard baseline (%s, 1 view, fp32) for the comparison", first.path)
     standard = Predictor(
         [first.model],
@@ -113,9 +123,7 @@ def compute_standard(cfg: DictConfig, first: Any, dataset: Any, runner: Any) -> 
         SoftVoting(),
         first.input_spec,
         device=runner.device,
-        forward_batch_size=cfg.engine.forward_batch_size,
-        channels_last=cfg.engine.channels_last,
-        fold_batch_norms=cfg.engine.fold_batch_norm,
+        engine=engine,
     )
     result = runner.predict(
         standard,

@@ -18,12 +18,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ml_infer.config import options
+from ml_infer.config import options, quote_override_value
 
 SPLITS = ("train", "val", "test")
 # The seed calls hard voting over views "voting"; ml_infer's TTA aggregation is named "vote".
 TTA_AGGREGATION_ALIASES = {"voting": "vote"}
-_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]+$")
 _OVERRIDE = re.compile(r"^[+~]{0,2}[A-Za-z_][A-Za-z0-9_.@/-]*=")
 
 
@@ -155,15 +154,15 @@ def to_overrides(args: argparse.Namespace) -> list[str]:
     if args.use_ema:
         overrides.append("use_ema=true")
     if args.data_dir:
-        overrides += ["data=imagefolder", f"data.root={_quote(args.data_dir)}"]
+        overrides += ["data=imagefolder", f"data.root={quote_override_value(args.data_dir)}"]
     if args.split:
         overrides.append(f"data.split={args.split}")
     if args.predict:
-        overrides += ["mode=predict", f"predict.root={_quote(args.predict)}"]
+        overrides += ["mode=predict", f"predict.root={quote_override_value(args.predict)}"]
     if args.batch_size:
         overrides.append(f"data.batch_size={args.batch_size}")
     if args.device:
-        overrides.append(f"device={_quote(args.device)}")
+        overrides.append(f"device={quote_override_value(args.device)}")
     return overrides + list(args.overrides)
 
 
@@ -209,19 +208,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_hydra()
 
 
-def _quote(value: str) -> str:
-    """A Hydra override value: plain when safe, else single-quoted with escapes.
-
-    >>> _quote("runs/fold_0/best.pt"), _quote("my runs/a,b.pt")
-    ('runs/fold_0/best.pt', "'my runs/a,b.pt'")
-    """
-    if _PLAIN_VALUE.match(value):
-        return value
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _list(values: Sequence[str]) -> str:
-    return "[" + ",".join(_quote(v) for v in values) + "]"
+    return "[" + ",".join(quote_override_value(v) for v in values) + "]"
 
 
 def _positive_int(text: str) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import re
 from pathlib import Path
 from typing import Any
 
-from ml_infer.errors import UserError, brief, one_of
+from ml_infer.errors import UserError, one_of
 
 log = logging.getLogger(__name__)
 
@@ -78,176 +78,6 @@ def instantiate_named(group: str, entry: Any, kind: str, **kwargs: Any) -> Any:
     return instantiate(OmegaConf.load(conf_dir() / group / f"{name}.yaml"), **kwargs)
 
 
-# Keys whose value names a yaml file in a conf/ folder rather than a config group option.
-NAMED_VALUE_KEYS = {
-    "tta.aggregation": ("tta_aggregation", "TTA aggregation"),
-    "ensemble.aggregation": ("ensemble_aggregation", "ensemble aggregation"),
-    "tta.augmentations": ("augmentation", "augmentation"),
-}
-
-
-def check_overrides(overrides: list[str]) -> None:
-    """Fails fast, before Hydra or torch start, on an unknown option name in command-line overrides.
-
-    Checks `group=option` (and sweeps `group=a,b`) against the yaml files of `conf/<group>/`, and
-    the names given to `tta.aggregation`, `ensemble.aggregation` and `tta.augmentations`. Anything
-    it does not understand (interpolations, sweep functions) is left for Hydra to judge.
-    """
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        key = key.lstrip("+~")
-        if not sep or any(c in value for c in "(${") or key.startswith("hydra"):
-            continue  # sweep functions, interpolations, inline mappings: Hydra's to judge
-        names = [name.strip().strip("'\"") for name in value.strip("[]").split(",")]
-        names = [name for name in names if name]
-        if key in NAMED_VALUE_KEYS:
-            group, kind = NAMED_VALUE_KEYS[key]
-        elif (conf_dir() / key).is_dir() and "/" not in key and "." not in key:
-            group, kind = key, key
-            if value in ("null", ""):
-                continue
-        else:
-            continue
-        valid = options(group)
-        for name in names:
-            if name not in valid:
-                raise one_of(kind, name, valid)
-
-
-def check_command_line(argv: Sequence[str], config_name: str = "config") -> None:
-    """Everything about a command line that can be judged before a run starts, each as a
-    one-line UserError: unknown option names (without importing Hydra), then with Hydra's
-    parser and config composition: overrides that do not parse, a comma in a single run,
-    unknown or misspelt keys (with the closest valid key), and an output directory that cannot
-    be written. Hydra's own options (--help, --cfg, ...) are left to Hydra.
-    """
-    flags = [arg for arg in argv if arg.startswith("-")]
-    if set(flags) - {"-m", "--multirun"}:
-        return
-    overrides = [arg for arg in argv if not arg.startswith("-")]
-    check_overrides(overrides)
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    parser = OverridesParser.create()
-    parsed = []
-    for line in overrides:
-        try:
-            parsed += parser.parse_overrides([line])
-        except HydraException as error:
-            lines = str(error).strip().splitlines()
-            reasons = [x for x in lines if not x.startswith(("See ", "Error parsing override"))]
-            reason = reasons[0] if reasons else lines[0]
-            raise UserError(f"cannot parse the override {line!r}: {brief(reason)}") from None
-    multirun = bool(flags)
-    if not multirun:
-        for override in parsed:
-            if override.is_sweep_override():
-                raise UserError(
-                    f"{override.input_line!r} is a sweep (several values); to sweep, add -m; "
-                    f"for one value that holds commas, quote it: {override.key_or_group}='...'"
-                )
-
-    def first_value(override: Any) -> str | None:
-        if not override.is_sweep_override():
-            return str(override.input_line)
-        try:
-            value = next(iter(override.sweep_string_iterator()))
-        except Exception:  # noqa: BLE001 - glob() sweeps need Hydra's loader: Hydra judges them
-            return None
-        prefix = override.input_line.split("=", 1)[0]
-        return f"{prefix}={value}"
-
-    def is_group(override: Any) -> bool:
-        key = override.key_or_group
-        return "/" in key or (conf_dir() / key).is_dir()
-
-    def composed(selected: list[Any]) -> Any:
-        lines = [line for line in map(first_value, selected) if line is not None]
-        try:
-            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-                return compose(config_name, overrides=lines, return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException, ValueError) as error:
-            raise UserError(f"the overrides do not compose: {brief(error)}") from None
-
-    groups_only = composed([o for o in parsed if is_group(o)])
-    for override in parsed:
-        if is_group(override) or override.is_add() or override.is_delete():
-            continue
-        line = str(override.input_line)
-        if line.startswith("++"):
-            continue
-        _check_key(groups_only, override.key_or_group, line)
-    cfg = composed(parsed)
-    run_dir = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    try:
-        directory = OmegaConf.select(cfg, run_dir)
-    except OmegaConfBaseException:  # an interpolation only Hydra's job start can resolve
-        return
-    if directory:
-        check_writable(Path(str(directory)), "output directory")
-
-
-def _check_key(cfg: Any, key: str, override: str) -> None:
-    """A UserError naming the closest valid key when `key` is not in the composed `cfg`."""
-    import difflib
-
-    from omegaconf import DictConfig
-
-    node, parts = cfg, key.split(".")
-    for depth, part in enumerate(parts):
-        if not isinstance(node, DictConfig):
-            return  # inside a list or a plain value: Hydra judges it
-        if part in node.keys():  # `in node` is False for a required (???) value
-            node = node._get_node(part)
-            continue
-        parent = ".".join(parts[:depth])
-        if depth == 0 and (conf_dir() / part).is_dir():
-            choices = ", ".join(f"{part}={option}" for option in options(part))
-            raise UserError(
-                f"config key {key!r} (in {override!r}) belongs to the {part} group, and no "
-                f"{part} is chosen; choose one first: {choices}"
-            )
-        siblings = [str(name) for name in node if str(name) != "hydra"]
-        if depth == 0:
-            siblings += [p.name for p in conf_dir().iterdir() if p.is_dir()]
-        close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.6)
-        if close:
-            suggestion = ".".join([*parts[:depth], close[0]])
-            raise UserError(
-                f"unknown config key {key!r} (in {override!r}); did you mean {suggestion!r}?"
-            )
-        where = f"under {parent}" if parent else "at the top level"
-        raise UserError(
-            f"unknown config key {key!r} (in {override!r}); valid keys {where}: "
-            f"{', '.join(sorted(set(siblings)))}"
-        )
-
-
-def check_writable(directory: Path, what: str) -> None:
-    """A UserError naming `directory` unless files can be written there: the nearest existing
-    folder on its path takes a 64 KiB probe file (deleted at once), so a read-only or full disk
-    is reported before a run starts rather than as a traceback halfway through it."""
-    import tempfile
-
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"cannot write the {what} {directory}: {existing} is not a directory")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ml_infer_probe_") as probe:
-            probe.write(bytes(1 << 16))
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise UserError(f"cannot write the {what} {directory} ({reason})") from None
-
-
 # Overrides shared by every run of a sweep, or only about where things go: not part of a label.
 _UNLABELLED_OVERRIDES = ("hydra", "tracking", "runs_dir", "experiment=", "engine.progress")
 
@@ -265,6 +95,20 @@ def run_label(overrides: list[str]) -> str:
         o.removeprefix("comparison=") for o in stripped if not o.startswith(_UNLABELLED_OVERRIDES)
     ]
     return " ".join(shown)
+
+
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]+$")
+
+
+def quote_override_value(value: str) -> str:
+    """A Hydra override value: plain when safe, else single-quoted with escapes.
+
+    >>> quote_override_value("runs/fold_0/best.pt"), quote_override_value("my runs/a,b.pt")
+    ('runs/fold_0/best.pt', "'my runs/a,b.pt'")
+    """
+    if _PLAIN_VALUE.match(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def process_rank() -> int:

@@ -14,11 +14,9 @@ the files that could not be used, with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ml_infer.errors import UserError, brief, one_of
+from ml_infer.errors import UserError, one_of
+from ml_infer.inputs import decode_images, fit_images
 
 log = logging.getLogger(__name__)
 
@@ -150,23 +149,6 @@ class DigitsDataset(TensorImages):
         )
 
 
-def fit_images(images: Tensor, *, image_size: Sequence[int] | None, channels: int) -> Tensor:
-    """Resizes a [N, C, H, W] batch and converts gray <-> RGB to what a model expects."""
-    if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
-        images = torch.nn.functional.interpolate(
-            images, size=tuple(image_size), mode="bilinear", antialias=True, align_corners=False
-        ).clamp_(0.0, 1.0)
-    if images.shape[1] == channels:
-        return images
-    if images.shape[1] == 1:
-        return images.expand(-1, channels, -1, -1).contiguous()
-    if channels == 1:
-        from ml_infer.augment import grayscale
-
-        return grayscale(images)
-    raise UserError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
-
-
 class ImageFolderDataset(TensorImages):
     """torchvision's ImageFolder layout: `root/[split/]<class>/**/<image>`.
 
@@ -270,114 +252,6 @@ def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-@dataclasses.dataclass
-class DecodedImages:
-    images: list[np.ndarray | None]  # uint8 [C, H, W], None where decoding failed
-    errors: dict[int, str]
-
-    @property
-    def failed(self) -> list[int]:
-        return sorted(self.errors)
-
-
-def decode_images(
-    paths: Sequence[Path],
-    *,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int = 4,
-) -> DecodedImages:
-    """Decodes, converts and resizes every file; failures are recorded, never raised."""
-    if channels not in (1, 3):
-        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
-    size = _size_pair(image_size)
-    if size is None:
-        size = _common_size(paths) if paths else (1, 1)
-
-    def decode(path: Path) -> np.ndarray | str:
-        try:
-            return read_image(path, size=size, channels=channels)
-        except ImageTooLarge as error:
-            return str(error)
-        except Exception as error:  # PIL raises many types for bad files
-            return f"unreadable image ({type(error).__name__}: {brief(error, 120)})"
-
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    try:
-        with _own_size_limit():
-            results = list(pool.map(decode, paths))
-    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    images = [r if isinstance(r, np.ndarray) else None for r in results]
-    errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
-    return DecodedImages(images, errors)
-
-
-# Larger images are skipped unread: PIL warns from this size on that a file may be a
-# decompression bomb (a small file that decodes to gigabytes).
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
-
-
-@contextlib.contextmanager
-def _own_size_limit() -> Iterator[None]:
-    """PIL's decompression-bomb check off while `read_image` applies MAX_IMAGE_PIXELS itself:
-    PIL would warn (a multi-line warning per file) or raise while opening, before the file can be
-    skipped with a reason."""
-    from PIL import Image
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageTooLarge(
-                f"image of {image.width}x{image.height} pixels is larger than the limit of "
-                f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?); skipped unread"
-            )
-        image.load()
-        image = _to_8bit(image)
-        if channels == 1:
-            image = image.convert("L")
-        elif channels == 3:
-            if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
-                image = image.convert("RGBA").convert("RGB")
-            image = image.convert("RGB")
-        else:
-            raise UserError(f"image channels must be 1 or 3, got {channels}")
-        if image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
-
-
-def _to_8bit(image: Any) -> Any:
-    """16-bit integer and float images scaled to 8 bits (PIL's convert would clip them)."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # PIL opens 16-bit PNGs as "I;16" or "I" depending on its version: both mean 0..65535.
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return image
-
-
 def _load_images(
     paths: Sequence[Path],
     labels: Sequence[int],
@@ -429,33 +303,6 @@ def _split_dir(root: Path, split: str) -> Path:
     if split not in present:
         raise UserError(f"no split {split!r} under {root}; found: {', '.join(present)}")
     return root / split
-
-
-def _size_pair(image_size: Sequence[int] | int | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = (int(v) for v in image_size)
-    return (height, width)
-
-
-def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
-    from PIL import Image
-
-    sizes = set()
-    for path in paths:
-        try:
-            with _own_size_limit(), Image.open(path) as image:
-                if image.width * image.height <= MAX_IMAGE_PIXELS:
-                    sizes.add((image.height, image.width))
-        except Exception:  # reported when decoding
-            continue
-    if len(sizes) != 1:
-        raise UserError(
-            f"images differ in size ({len(sizes)} sizes); set data.dataset.image_size=[H,W]"
-        )
-    return sizes.pop()
 
 
 def _hidden(entry: Path | str) -> bool:

@@ -1,45 +1,64 @@
-"""One evaluation: compose the strategy's parts from the config, run it, score it, write it down.
+"""One evaluation: compose the strategy's parts from the config, run it, score it.
 
-`evaluate(cfg)` is the task behind `python -m ml_infer`; it is a plain function so that tests
-and notebooks can call it with a composed config. It checks the names in the config (strategy
-parts, augmentations, aggregators, weights, checkpoint paths) before loading a model, and writes
-its result files only once the results are complete.
+`evaluate(cfg)` returns an `Evaluation` and writes nothing: `record.write_run` writes its files
+and `tracking.log_evaluation` logs it (`task.run_evaluation` does all three, as
+`python -m ml_infer` does). It checks the names in the config (strategy parts, augmentations,
+aggregators, weights, checkpoint paths) before loading a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig
 
+from ml_infer.aggregate import Aggregator
+from ml_infer.augment import Views
+from ml_infer.bank import Classifier, expand_checkpoint_paths, load_ensemble
 from ml_infer.baseline import BaselineCache, correct_by_position, standard_baseline
+from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
+from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
+from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
-from ml_infer.outputs import (
-    current_sweep_id,
-    remove_stale_results,
-    sweep_dir,
-    write_json,
-    write_predictions,
-    write_resolved_config,
-    write_skipped,
-    write_unlabelled_predictions,
+from ml_infer.inputs import InputSpec
+from ml_infer.metrics import (
+    classification_metrics,
+    mcnemar_p_value,
+    paired_bootstrap_delta,
+    speed_metrics,
 )
+from ml_infer.outputs import sweep_dir
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.runners import RUNNERS, DatasetPredictions, Runner, build_runner
 
 log = logging.getLogger(__name__)
 
-RUNNERS = ("single", "accelerate")
 MODES = ("evaluate", "predict")
 
 
-def build_views(augmentations: Sequence[Any]):
-    """The identity view plus each named (or inline `_target_`) augmentation's views."""
-    from ml_infer.augment import Views
+@dataclasses.dataclass
+class Evaluation:
+    """One evaluated strategy: the figures of `metrics.json`, every image's prediction, and what
+    its files need (the data set's ids, the class names, the config it ran with)."""
 
+    metrics: dict[str, Any]
+    predictions: DatasetPredictions
+    dataset: TensorImages
+    classes: list[str]
+    mode: str
+    config: DictConfig
+    title: str
+
+
+def build_views(augmentations: Sequence[Any]) -> Views:
+    """The identity view plus each named (or inline `_target_`) augmentation's views."""
     if isinstance(augmentations, str):
         augmentations = [augmentations]
     return Views(
@@ -47,7 +66,7 @@ def build_views(augmentations: Sequence[Any]):
     )
 
 
-def build_aggregators(cfg: DictConfig, n_models: int):
+def build_aggregators(cfg: DictConfig, n_models: int) -> tuple[Aggregator, Aggregator]:
     """The TTA aggregator (over views) and the ensemble aggregator (over models)."""
     view_aggregator = instantiate_named("tta_aggregation", cfg.tta.aggregation, "TTA aggregation")
     weights = cfg.ensemble.get("weights")
@@ -63,37 +82,26 @@ def build_aggregators(cfg: DictConfig, n_models: int):
     return view_aggregator, model_aggregator
 
 
-def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
-    """Runs the configured strategy and writes its results into `output_dir`.
+def evaluate(cfg: DictConfig) -> Evaluation | None:
+    """Runs the configured strategy over its data and scores it.
 
-    `mode=evaluate` scores labelled data (`metrics.json`, `predictions.csv`,
-    `confusion_matrix.png`); `mode=predict` labels a folder of images (`predictions.csv`, and
-    `metrics.json` with the speed figures). `output_dir` defaults to the Hydra run directory.
-    Returns what `metrics.json` holds.
+    `mode=evaluate` scores a labelled split; `mode=predict` labels a folder of images. Returns
+    None on the processes of a multi-process run other than the main one (they only help).
     """
-    from ml_infer.checkpoints import expand_checkpoint_paths, load_ensemble, open_checkpoint
-    from ml_infer.predictor import Predictor, resolve_autocast_dtype
-
     strategy = cfg.strategy
     if cfg.mode not in MODES:
         raise one_of("mode", cfg.mode, MODES)
-    if strategy.runner not in RUNNERS:
-        raise one_of("strategy.runner", strategy.runner, RUNNERS)
     if cfg.mode == "predict" and not cfg.predict.root:
         raise UserError("mode=predict needs predict.root=DIR, a folder of images")
-    if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
-        from ml_infer.tracking import preflight
-
-        preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
+    if strategy.runner not in RUNNERS:
+        raise one_of("strategy.runner", strategy.runner, RUNNERS)
     views = build_views(cfg.tta.augmentations)
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
-    runner = _build_runner(strategy.runner, cfg.device)
+    runner = build_runner(strategy.runner, cfg.device)
     autocast_dtype = resolve_autocast_dtype(
         strategy.precision, strategy.autocast_dtype, runner.device
     )
-
-    import torch
 
     torch.manual_seed(cfg.seed)
     checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
@@ -110,6 +118,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
     classes = members[0].classes
     if cfg.mode == "evaluate":
         check_same_classes(dataset.classes, classes)
+    engine = EngineSettings.from_config(cfg.engine)
     predictor = Predictor(
         [member.model for member in members],
         views,
@@ -118,9 +127,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         input_spec,
         device=runner.device,
         autocast_dtype=autocast_dtype,
-        forward_batch_size=cfg.engine.forward_batch_size,
-        channels_last=cfg.engine.channels_last,
-        fold_batch_norms=cfg.engine.fold_batch_norm,
+        engine=engine,
         member_names=[f"checkpoint {member.path}" for member in members],
     )
     log.info(
@@ -142,19 +149,43 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         progress=cfg.engine.progress,
         min_timing_s=cfg.engine.min_timing_s,
     )
-    output_dir = Path(output_dir) if output_dir is not None else _hydra_output_dir()
+    baseline_correct = None
     if cfg.mode == "evaluate":
         shared_dir = sweep_dir()
         cache = BaselineCache(shared_dir / "baselines") if shared_dir else None
         baseline_correct = standard_baseline(
-            cfg, predictor, members, dataset, runner, result, cache
+            cfg, engine, predictor, members, dataset, runner, result, cache
         )
     if not runner.is_main_process:
-        return {}
+        return None
 
-    from ml_infer.metrics import speed_metrics
+    metrics = _run_metrics(cfg, predictor, views, members, runner, dataset, result)
+    if cfg.mode == "predict":
+        predicted = result.preds.bincount(minlength=len(classes)).tolist()
+        metrics["predicted_counts"] = dict(zip(classes, predicted))
+        metrics["mean_confidence"] = float(result.probs.max(dim=1).values.mean())
+        title = f"{strategy.name} on {cfg.predict.root}"
+    else:
+        metrics |= _scores(cfg, result, baseline_correct)
+        title = (
+            f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
+            f"on {cfg.data.name}/{cfg.data.split}"
+        )
+    return Evaluation(metrics, result, dataset, list(classes), cfg.mode, cfg, title)
 
-    metrics: dict[str, Any] = {
+
+def _run_metrics(
+    cfg: DictConfig,
+    predictor: Predictor,
+    views: Views,
+    members: Sequence[Classifier],
+    runner: Runner,
+    dataset: TensorImages,
+    result: DatasetPredictions,
+) -> dict[str, Any]:
+    """Speed, and how the run was made: what every metrics.json holds, in either mode."""
+    strategy = cfg.strategy
+    return {
         "strategy": strategy.name,
         "mode": cfg.mode,
         "n": len(result.labels),
@@ -185,42 +216,10 @@ def evaluate(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
     }
-    sweep_id = current_sweep_id()
-    if sweep_id:
-        metrics["sweep_id"] = sweep_id
-    remove_stale_results(output_dir)
-    write_resolved_config(output_dir / "resolved_config.yaml", cfg)
-    write_skipped(output_dir / "skipped_files.csv", dataset.skipped)
-    if cfg.mode == "predict":
-        predicted = result.preds.bincount(minlength=len(classes)).tolist()
-        metrics["predicted_counts"] = dict(zip(classes, predicted))
-        metrics["mean_confidence"] = float(result.probs.max(dim=1).values.mean())
-        write_unlabelled_predictions(output_dir / "predictions.csv", result, dataset, classes)
-    else:
-        metrics |= _scores(cfg, result, baseline_correct)
-        write_predictions(output_dir / "predictions.csv", result, dataset, classes)
-        from ml_infer.report import plot_confusion_matrix
-
-        plot_confusion_matrix(
-            result.labels,
-            result.preds,
-            classes,
-            output_dir / "confusion_matrix.png",
-            title=f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
-            f"on {cfg.data.name}/{cfg.data.split}",
-        )
-    write_json(output_dir / "metrics.json", metrics)
-
-    from ml_infer.tracking import log_evaluation
-
-    log_evaluation(cfg, metrics, output_dir)
-    return metrics
 
 
-def _scores(cfg: DictConfig, result: Any, baseline_correct: Any) -> dict[str, Any]:
+def _scores(cfg: DictConfig, result: DatasetPredictions, baseline_correct: Any) -> dict[str, Any]:
     """Accuracy, calibration, and the paired comparison with the standard baseline."""
-    from ml_infer.metrics import classification_metrics, mcnemar_p_value, paired_bootstrap_delta
-
     correct = correct_by_position(result)
     delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=cfg.seed)
     return {
@@ -232,10 +231,8 @@ def _scores(cfg: DictConfig, result: Any, baseline_correct: Any) -> dict[str, An
     }
 
 
-def configured_input_spec(cfg: DictConfig, path: Path):
+def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:
     """`checkpoint.input` for checkpoints that do not describe their input themselves."""
-    from ml_infer.checkpoints import InputSpec
-
     given = cfg.checkpoint.input
     if given.size is None or given.mean is None or given.std is None:
         raise UserError(
@@ -247,11 +244,9 @@ def configured_input_spec(cfg: DictConfig, path: Path):
     )
 
 
-def _load_data(cfg: DictConfig, input_spec: Any):
+def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:
     """The labelled split to score, or the folder to predict, at the model's input size."""
-    from ml_infer.data import UnlabelledImages, build_dataset
-
-    fit = {"image_size": list(input_spec.size), "channels": input_spec.channels}
+    fit: dict[str, Any] = {"image_size": list(input_spec.size), "channels": input_spec.channels}
     if cfg.mode == "predict":
         return UnlabelledImages(cfg.predict.root, **fit, decode_threads=cfg.predict.decode_threads)
     return build_dataset(cfg.data, cfg.data.split, **fit)
@@ -271,25 +266,7 @@ def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]
     raise UserError(f"the data's classes differ from the checkpoint's ({detail})")
 
 
-def _build_runner(name: str, device: str):
-    if name == "accelerate":
-        from ml_infer.distributed import AccelerateRunner
-
-        return AccelerateRunner(device)
-    from ml_infer.distributed import SingleProcessRunner
-
-    return SingleProcessRunner(device)
-
-
 def _name_of(entry: Any) -> str:
     if isinstance(entry, (Mapping, DictConfig)):
         return str(entry.get("_target_"))
     return str(entry)
-
-
-def _hydra_output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        raise UserError("evaluate() outside a Hydra run needs an output_dir")
-    return Path(HydraConfig.get().runtime.output_dir)

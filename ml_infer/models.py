@@ -22,53 +22,9 @@ from typing import Any, cast
 from torch import nn
 
 from ml_infer.errors import UserError
+from ml_infer.filedata import refuse_interpolations
 
 _DOWNLOAD_ARGUMENTS = ("weights", "pretrained", "weights_backbone")
-_INTERPOLATION = "${"
-
-
-def find_interpolation(value: Any, path: str) -> tuple[str, str] | None:
-    """The first `${...}` string inside `value` (dicts, lists, tuples searched), as (path, text).
-
-    Shared containers (a pickle may reference one list many times) are visited once.
-
-    >>> find_interpolation({"a": [1, "${oc.env:HOME}"]}, "model")
-    ('model.a[1]', '${oc.env:HOME}')
-    >>> find_interpolation({"a": "plain $ text"}, "model") is None
-    True
-    """
-    seen: set[int] = set()
-    stack: list[tuple[Any, str]] = [(value, path)]
-    while stack:
-        item, where = stack.pop()
-        if isinstance(item, str):
-            if _INTERPOLATION in item:
-                return where, item
-            continue
-        if id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, Mapping):
-            children = [(v, f"{where}.{k}") for k, v in item.items()]
-            children += [(k, f"{where} (a key)") for k in item]
-        elif isinstance(item, (list, tuple)):
-            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
-        else:
-            continue
-        stack.extend(reversed(children))
-    return None
-
-
-def refuse_interpolations(value: Any, source: str, path: str) -> None:
-    """A UserError naming `source` and the key when `value` holds a `${...}` string anywhere."""
-    found = find_interpolation(value, path)
-    if found is not None:
-        where, text = found
-        shown = text if len(text) <= 60 else text[:57] + "..."
-        raise UserError(
-            f"{source}: {where} holds the interpolation {shown!r}; strings in a file are data "
-            "and are never resolved"
-        )
 
 
 @dataclasses.dataclass(frozen=True)

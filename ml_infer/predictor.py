@@ -23,9 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,64 +31,34 @@ from torch import Tensor, nn
 
 from ml_infer.aggregate import Aggregator, Predictions
 from ml_infer.augment import Views
-from ml_infer.checkpoints import InputSpec
 from ml_infer.errors import UserError
+from ml_infer.inputs import InputSpec
 
 log = logging.getLogger(__name__)
 
-PrecisionMode = Literal["fp32", "autocast"]
-AutocastDtype = Literal["auto", "bf16", "fp16"]
 
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """How the engine runs a model's forwards (`engine.*` of conf/config.yaml): the same outputs
+    either way, up to float rounding; only the speed differs."""
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU; an unavailable device is a UserError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            f"device {name!r} asked for, but CUDA is not available; valid here: auto, cpu"
+    forward_batch_size: int | Literal["auto"] = "auto"
+    channels_last: bool = False
+    fold_batch_norm: bool = True
+
+    @classmethod
+    def from_config(cls, engine: Any) -> EngineSettings:
+        """From the `engine` block of a run's config.
+
+        >>> EngineSettings.from_config({"forward_batch_size": 64, "channels_last": True,
+        ...                             "fold_batch_norm": False})
+        EngineSettings(forward_batch_size=64, channels_last=True, fold_batch_norm=False)
+        """
+        return cls(
+            forward_batch_size=engine["forward_batch_size"],
+            channels_last=bool(engine["channels_last"]),
+            fold_batch_norm=bool(engine["fold_batch_norm"]),
         )
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N")
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    """True where oneDNN has native bf16 kernels for this CPU (e.g. avx512_bf16 or AMX)."""
-    mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(torch.backends.mkldnn.is_available() and mkldnn_check and mkldnn_check())
-
-
-def resolve_autocast_dtype(
-    precision: PrecisionMode, autocast_dtype: AutocastDtype, device: torch.device
-) -> torch.dtype | None:
-    """The autocast dtype to run with, or None for plain fp32 (with a warning when falling back)."""
-    if precision not in ("fp32", "autocast"):
-        raise UserError(f"unknown precision {precision!r}; valid: fp32, autocast")
-    if autocast_dtype not in ("auto", "bf16", "fp16"):
-        raise UserError(f"unknown autocast_dtype {autocast_dtype!r}; valid: auto, bf16, fp16")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if autocast_dtype == "fp16":
-            return torch.float16
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if autocast_dtype == "bf16":
-            log.warning("this GPU has no bf16 support; autocast runs in fp16 instead")
-        return torch.float16
-    if autocast_dtype == "fp16":
-        log.warning("fp16 autocast on CPU is slower than fp32 on most CPUs; running bf16 or fp32")
-    if cpu_supports_bf16():
-        return torch.bfloat16
-    log.warning(
-        "this CPU has no native bf16 support (no avx512_bf16 / AMX); mixed precision runs in fp32"
-    )
-    return None
 
 
 # `engine.forward_batch_size: auto`, measured with `python scripts/bench.py` (--sweep-only on
@@ -173,15 +141,17 @@ class Predictor:
         *,
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
-        forward_batch_size: int | Literal["auto"] = "auto",
-        channels_last: bool = False,
-        fold_batch_norms: bool = True,
+        engine: EngineSettings | None = None,
         member_names: Sequence[str] | None = None,
     ) -> None:
-        self.forward_batch_size = resolve_forward_batch_size(forward_batch_size, device, input_spec)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        engine = engine or EngineSettings()
+        self.engine = engine
+        self.forward_batch_size = resolve_forward_batch_size(
+            engine.forward_batch_size, device, input_spec
+        )
+        memory_format = torch.channels_last if engine.channels_last else torch.contiguous_format
         self.models = [
-            (fold_batch_norm(m.eval()) if fold_batch_norms else m.eval())
+            (fold_batch_norm(m.eval()) if engine.fold_batch_norm else m.eval())
             .to(device)
             .to(memory_format=memory_format)
             for m in models
@@ -265,159 +235,3 @@ class Predictor:
     def model_input(self, images: Tensor) -> Tensor:
         """Normalised images in the models' memory layout."""
         return self.input_spec.normalise(images).contiguous(memory_format=self.memory_format)
-
-
-@dataclasses.dataclass
-class DatasetPredictions:
-    """Per-sample outputs of a whole pass over a data set, plus how long it took."""
-
-    probs: Tensor  # [N, C] float32
-    preds: Tensor  # [N] int64
-    labels: Tensor  # [N] int64
-    positions: Tensor  # [N] int64: each sample's position in the data set
-    wall_seconds: float  # median whole pass: data loading, views, forwards, merging
-    batch_seconds: list[float]  # the predictor's time per batch, over every timed pass
-    pass_seconds: list[float]  # each timed pass
-    peak_memory_mb: float
-    peak_memory_kind: str
-
-
-Gather = Callable[[Any], Any]
-
-
-def predict_dataset(
-    predictor: Predictor,
-    loader: Iterable,
-    *,
-    warmup_batches: int = 1,
-    progress: bool = True,
-    gather: Gather | None = None,
-    n_batches: int | None = None,
-    min_timing_s: float = 0.0,
-    max_timing_passes: int = 50,
-    agree: Callable[[int], int] | None = None,
-) -> DatasetPredictions:
-    """Runs the predictor over every batch of `loader`, timing whole passes after a warm-up.
-
-    The first pass collects the outputs. When it took less than `min_timing_s`, further passes
-    (at most `max_timing_passes` in all) are timed too, and `wall_seconds` is the median pass:
-    a small test set is otherwise timed in a few milliseconds of noise. `gather` collects each
-    batch's per-sample outputs from all processes (Accelerate's `gather_for_metrics`); `agree`
-    makes every process run the main process's number of passes.
-    """
-    device = predictor.device
-    if warmup_batches > 0:
-        first_images = next(iter(loader))[0]
-        for _ in range(warmup_batches):
-            predictor(first_images)
-    memory = _PeakMemory(device)
-    outputs: list[tuple[Tensor, ...]] = []
-    batch_seconds: list[float] = []
-    predictor.nonfinite_images.zero_()  # the warm-up batch is counted again in the first pass
-    pass_seconds = [
-        _timed_pass(predictor, loader, gather, batch_seconds, outputs, progress, n_batches)
-    ]
-    if not outputs:
-        raise UserError("the data loader yielded no batches")
-    predictor.check_finite(sum(len(batch[1]) for batch in outputs))
-    repeats = 0
-    if 0 < pass_seconds[0] < min_timing_s:
-        repeats = min(math.ceil(min_timing_s / pass_seconds[0]) - 1, max_timing_passes - 1)
-    if agree is not None:
-        repeats = agree(repeats)
-    for _ in range(repeats):
-        pass_seconds.append(
-            _timed_pass(predictor, loader, gather, batch_seconds, None, False, n_batches)
-        )
-    probs, preds, labels, positions = (torch.cat(column) for column in zip(*outputs))
-    return DatasetPredictions(
-        probs=probs,
-        preds=preds,
-        labels=labels,
-        positions=positions,
-        wall_seconds=statistics.median(pass_seconds),
-        batch_seconds=batch_seconds,
-        pass_seconds=pass_seconds,
-        peak_memory_mb=memory.peak_mb(),
-        peak_memory_kind=memory.kind,
-    )
-
-
-def _timed_pass(
-    predictor: Predictor,
-    loader: Iterable,
-    gather: Gather | None,
-    batch_seconds: list[float],
-    outputs: list | None,
-    progress: bool,
-    n_batches: int | None,
-) -> float:
-    """One pass over the loader: its wall time; batch times and (if asked) outputs appended."""
-    from tqdm.auto import tqdm
-
-    device = predictor.device
-    bar = tqdm(
-        loader,
-        total=n_batches,
-        desc="batches",
-        unit="batch",
-        disable=None if progress else True,
-        leave=False,
-    )
-    synchronize(device)
-    pass_start = time.perf_counter()
-    for images, batch_labels, batch_positions in bar:
-        batch_start = time.perf_counter()
-        merged = predictor(images)
-        synchronize(device)
-        batch_seconds.append(time.perf_counter() - batch_start)
-        batch = (merged.probs, merged.preds, batch_labels, torch.as_tensor(batch_positions))
-        if gather is not None:
-            batch = gather(tuple(t.to(device) for t in batch))
-        if outputs is not None:
-            outputs.append((batch[0].float().cpu(), batch[1].cpu(), batch[2].cpu(), batch[3].cpu()))
-    synchronize(device)
-    elapsed = time.perf_counter() - pass_start
-    bar.close()
-    return elapsed
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the device's queued work (a no-op on CPU), so that a timer reads whole work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _PeakMemory:
-    """Peak memory from now on: CUDA allocations on a GPU, the process's resident set on CPU.
-
-    On Linux the resident-set high-water mark is reset through /proc/self/clear_refs, so the
-    figure belongs to this evaluation rather than to whatever the process did before.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        if device.type == "cuda":
-            self.kind = "cuda_max_allocated"
-            torch.cuda.reset_peak_memory_stats(device)
-            return
-        self.kind = "rss_high_water_mark"
-        try:
-            with open("/proc/self/clear_refs", "w") as clear_refs:
-                clear_refs.write("5")
-        except OSError:
-            self.kind = "rss_max_since_start"
-
-    def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -24,7 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.outputs import atomic_write, read_json_object, read_overrides, sweep_id_of
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from ml_infer.config import process_rank, run_label
+from ml_infer.errors import UserError
+from ml_infer.filedata import read_json_object
+from ml_infer.outputs import atomic_write, failed_jobs, job_order, read_overrides, sweep_id_of
+from ml_infer.plots import plot_pareto
+from ml_infer.tracking import runs_of_experiment, sync_sweep
 
 TABLE_COLUMNS = (
     ("run", "{}"),
@@ -124,8 +132,6 @@ def _os_reason(error: OSError) -> str:
 
 def collect_mlflow_runs(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
     """The finished strategy runs (not sweep parents) of an MLflow experiment, oldest first."""
-    from ml_infer.tracking import runs_of_experiment
-
     return add_derived_columns(runs_of_experiment(experiment, tracking_uri))
 
 
@@ -205,170 +211,27 @@ def write_comparison(
     return rows
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: none cheaper-or-equal and at least as accurate.
-
-    >>> pareto_front([(1.0, 0.90), (2.0, 0.95), (3.0, 0.93), (5.0, 0.97)])
-    [0, 1, 3]
-    """
-    front = []
-    for i, (cost, accuracy) in enumerate(points):
-        dominated = any(
-            (c <= cost and a >= accuracy) and (c < cost or a > accuracy)
-            for j, (c, a) in enumerate(points)
-            if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
-def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Accuracy (with its 95% interval) against relative cost; the Pareto front in red and joined.
-
-    Points are numbered and listed in a key, so that runs of equal cost and accuracy stay
-    readable; a second panel zooms into the accuracy band around the best run.
-    """
-    plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    use_measured = all(not math.isnan(r.get("relative_cost", math.nan)) for r in rows)
-    costs = [r["relative_cost"] if use_measured else r["forward_passes_per_image"] for r in rows]
-    accuracies = [r["accuracy"] for r in rows]
-    lows = [r.get("accuracy_ci95_low", r["accuracy"]) for r in rows]
-    highs = [r.get("accuracy_ci95_high", r["accuracy"]) for r in rows]
-    front = pareto_front(list(zip(costs, accuracies)))
-    best = max(accuracies)
-    band = max(0.02, 2 * (highs[accuracies.index(best)] - lows[accuracies.index(best)]))
-    zoomed = [i for i, a in enumerate(accuracies) if a >= best - band]
-
-    figure, (full, zoom, key) = plt.subplots(
-        1, 3, figsize=(15, 6), gridspec_kw={"width_ratios": [5, 5, 3]}
-    )
-    for axes, shown in ((full, range(len(rows))), (zoom, zoomed)):
-        for i in shown:
-            on_front = i in front
-            axes.errorbar(
-                costs[i],
-                accuracies[i],
-                yerr=[[accuracies[i] - lows[i]], [highs[i] - accuracies[i]]],
-                fmt="o",
-                color="tab:red" if on_front else "tab:gray",
-                alpha=1.0 if on_front else 0.6,
-                capsize=3,
-                markersize=7 if on_front else 5,
-            )
-            axes.annotate(
-                str(i + 1),
-                (costs[i], accuracies[i]),
-                textcoords="offset points",
-                xytext=(5, 3),
-                fontsize=8,
-                fontweight="bold" if on_front else "normal",
-            )
-        axes.plot(
-            [costs[i] for i in front],
-            [accuracies[i] for i in front],
-            "-",
-            color="tab:red",
-            alpha=0.7,
-            label="Pareto front",
-        )
-        axes.set_xscale("log")
-        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
-        axes.xaxis.set_minor_formatter(NullFormatter())
-        axes.grid(True, which="both", alpha=0.3)
-        axes.set_xlabel(
-            "relative cost (standard's images/s / the run's)"
-            if use_measured
-            else "forward passes per image"
-        )
-    full.set_ylabel("accuracy (bars: 95% Wilson interval)")
-    full.set_title("all runs")
-    full.legend(loc="lower right")
-    zoom.set_ylim(best - band - 0.002, min(1.0, max(highs[i] for i in zoomed)) + 0.002)
-    zoom.set_title(f"zoom: accuracy within {band:.3f} of the best")
-    key.axis("off")
-    key.text(
-        0.0,
-        1.0,
-        "\n".join(
-            f"{'*' if i in front else ' '}{i + 1:>2}  {str(r.get('run', r['strategy']))[:34]}"
-            for i, r in enumerate(rows)
-        )
-        + "\n\n* on the Pareto front: no run is\n  both cheaper and more accurate",
-        family="monospace",
-        fontsize=8,
-        va="top",
-        transform=key.transAxes,
-    )
-    data = {f"{r.get('data', '?')}/{r.get('split', '?')}" for r in rows}
-    figure.suptitle(f"Accuracy vs cost on {', '.join(sorted(data))} ({len(rows)} runs)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_confusion_matrix(
-    labels: Any, preds: Any, classes: Sequence[str], path: Path, title: str
-) -> None:
-    """Counts of (true, predicted) classes as a heat map, each cell labelled."""
-    import numpy as np
-
-    plt = _pyplot()
-    n = len(classes)
-    matrix = np.zeros((n, n), dtype=int)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(preds)), 1)
-    size = max(4.0, 0.45 * n + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    axes.set_xticks(range(n), classes, rotation=90 if n > 10 else 0)
-    axes.set_yticks(range(n), classes)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title, fontsize=9)
-    if n <= 30:
-        threshold = matrix.max() / 2
-        for (i, j), count in np.ndenumerate(matrix):
-            if count:
-                axes.text(
-                    j,
-                    i,
-                    str(count),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if count > threshold else "black",
-                )
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def job_order(run_dir: Path) -> tuple[int, str]:
-    """Sweep jobs by number (`<n>_<strategy>`), then by name."""
-    prefix = run_dir.name.split("_", 1)[0]
-    return (int(prefix) if prefix.isdigit() else 1 << 30, run_dir.name)
-
-
 def _run_label(run_dir: Path) -> str:
     """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), or
     the directory's name when it has none or they cannot be read."""
-    from ml_infer.config import run_label
-
     overrides = read_overrides(run_dir)
     return (run_label(overrides) if overrides else "") or run_dir.name
+
+
+class SweepReport(Callback):
+    """When a sweep ends: its comparison (comparison.md, comparison.csv, pareto.png in the sweep
+    directory), the table printed, and each failed job listed on stderr. Needs no tracker."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if process_rank() > 0:
+            return  # ranks > 0 of torchrun ran in a scratch directory
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = write_comparison(sweep_dir)
+        if rows:
+            print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
+            print(markdown_table(rows), flush=True)
+        for job_dir, message in failed_jobs(sweep_dir, sweep_id_of(sweep_dir)):
+            print(f"error: run {job_dir.name} failed: {message}", file=sys.stderr, flush=True)
 
 
 DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"
@@ -376,13 +239,9 @@ DEFAULT_TRACKING_URI = "sqlite:///outputs/mlflow.db"
 
 def sync(sweep_dir: Path, tracking_uri: str | None) -> int:
     """`--sync`: logs the sweep's runs that missed live logging; 0 when every run is logged."""
-    from ml_infer.errors import UserError
-
     if not sweep_dir.is_dir():
         print(f"error: --sync needs a sweep directory; {sweep_dir} is not one", file=sys.stderr)
         return 2
-    from ml_infer.tracking import sync_sweep
-
     try:
         result = sync_sweep(sweep_dir, tracking_uri)
     except UserError as error:
@@ -436,8 +295,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = collect_runs(source)
         out_dir = args.out or source
     else:
-        from ml_infer.errors import UserError
-
         try:
             rows = collect_mlflow_runs(args.source, args.tracking_uri or DEFAULT_TRACKING_URI)
         except UserError as error:

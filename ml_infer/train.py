@@ -22,8 +22,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import check_command_line, conf_dir, plain_dict
+from ml_infer.config import conf_dir, plain_dict
 from ml_infer.errors import Interrupted, UserError, exit_interrupted, exit_with, stop_on_signals
+from ml_infer.precheck import check_command_line
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ def train_folds(cfg: DictConfig) -> list[Path]:
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 
-    from ml_infer.checkpoints import InputSpec, save_checkpoint
+    from ml_infer.checkpoints import save_checkpoint
     from ml_infer.data import build_dataset
-    from ml_infer.predictor import resolve_device
+    from ml_infer.device import resolve_device
+    from ml_infer.inputs import InputSpec
 
     if cfg.folds < 2:
         raise UserError(f"folds must be at least 2 (k-fold cross-validation), got {cfg.folds}")

@@ -67,20 +67,16 @@ from torch import Tensor, nn
 
 from ml_infer.aggregate import SoftVoting
 from ml_infer.augment import Brightness, Contrast, Views
-from ml_infer.checkpoints import InputSpec, load_classifier
+from ml_infer.bank import load_classifier
 from ml_infer.config import conf_dir
-from ml_infer.data import DigitsDataset, TensorImages, fit_images, make_loader
+from ml_infer.data import DigitsDataset, TensorImages, make_loader
+from ml_infer.device import cpu_supports_bf16, resolve_autocast_dtype, resolve_device, synchronize
 from ml_infer.errors import UserError, exit_with
 from ml_infer.evaluate import build_views
+from ml_infer.inputs import InputSpec, fit_images
 from ml_infer.models import SmallCNN, torchvision_classifier
-from ml_infer.predictor import (
-    Predictor,
-    cpu_supports_bf16,
-    predict_dataset,
-    resolve_autocast_dtype,
-    resolve_device,
-    synchronize,
-)
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.runners import predict_dataset
 
 log = logging.getLogger("bench")
 
@@ -103,17 +99,8 @@ FALLBACK_MIN_FRACTION = 0.97  # mixed_precision over fp32, where it falls back t
 TTACH_TOLERANCE = 1e-5
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineSettings:
-    """The Predictor settings every engine row runs with."""
-
-    forward_batch_size: int | str
-    channels_last: bool
-    fold_batch_norms: bool = True
-
-
 # How the engine ran before issue 6: chunks of 256, contiguous memory, BatchNorm kept.
-BEFORE_TUNING = EngineSettings(forward_batch_size=256, channels_last=False, fold_batch_norms=False)
+BEFORE_TUNING = EngineSettings(forward_batch_size=256, channels_last=False, fold_batch_norm=False)
 
 
 @dataclasses.dataclass
@@ -359,9 +346,7 @@ def engine_predictor(
         workload.input_spec,
         device=device,
         autocast_dtype=autocast_dtype,
-        forward_batch_size=settings.forward_batch_size,
-        channels_last=settings.channels_last,
-        fold_batch_norms=settings.fold_batch_norms,
+        engine=settings,
     )
 
 
@@ -522,7 +507,7 @@ def build_rows(
 
     standard = engine()
     layout = "channels_last" if settings.channels_last else "contiguous"
-    folded = ", BatchNorm folded" if settings.fold_batch_norms else ""
+    folded = ", BatchNorm folded" if settings.fold_batch_norm else ""
     note = f"chunks of {standard.forward_batch_size}, {layout}{folded}"
     add("standard", "standard", 1, note, **per_batch(standard, batches))
     before = engine(settings=BEFORE_TUNING)
@@ -969,13 +954,20 @@ def engine_settings(args: argparse.Namespace) -> EngineSettings:
     """conf/config.yaml's engine block, with the command line's overrides."""
     from omegaconf import OmegaConf
 
-    engine = OmegaConf.load(conf_dir() / "config.yaml").engine
-    forward_batch_size = args.forward_batch_size or engine.forward_batch_size
+    configured = EngineSettings.from_config(OmegaConf.load(conf_dir() / "config.yaml").engine)
+    forward_batch_size = args.forward_batch_size or configured.forward_batch_size
     if str(forward_batch_size).isdigit():
         forward_batch_size = int(forward_batch_size)
-    channels_last = engine.channels_last if args.channels_last is None else args.channels_last
-    fold = engine.fold_batch_norm if args.fold_batch_norms is None else args.fold_batch_norms
-    return EngineSettings(forward_batch_size, bool(channels_last), bool(fold))
+    return dataclasses.replace(
+        configured,
+        forward_batch_size=forward_batch_size,
+        channels_last=configured.channels_last
+        if args.channels_last is None
+        else args.channels_last,
+        fold_batch_norm=configured.fold_batch_norm
+        if args.fold_batch_norms is None
+        else args.fold_batch_norms,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -321,7 +321,7 @@ class Scenarios:
         from ml_infer.models import SmallCNN
 
         spec = read_checkpoint(self.folds[0])[0]["input"]
-        from ml_infer.checkpoints import InputSpec
+        from ml_infer.inputs import InputSpec
 
         narrow = save_checkpoint(
             self.tmp / "narrow.pt",

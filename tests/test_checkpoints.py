@@ -8,15 +8,10 @@ import os
 import pytest
 import torch
 
-from ml_infer.checkpoints import (
-    InputSpec,
-    expand_checkpoint_paths,
-    load_classifier,
-    load_ensemble,
-    read_checkpoint,
-    save_checkpoint,
-)
+from ml_infer.bank import expand_checkpoint_paths, load_classifier, load_ensemble
+from ml_infer.checkpoints import read_checkpoint, save_checkpoint
 from ml_infer.errors import UserError
+from ml_infer.inputs import InputSpec
 from ml_infer.models import SmallCNN
 
 DESIGN_KEYS = {"model", "model_state_dict", "ema_state_dict", "classes", "input", "fold", "metrics"}

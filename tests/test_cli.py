@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ml_infer.cli import build_parser, split_overrides, to_overrides
-from ml_infer.evaluate import evaluate
+from ml_infer.task import run_evaluation
 
 from .conftest import REPO, compose_config
 
@@ -78,7 +78,7 @@ def test_seed_cli_example_matches_python_m_ml_infer(example, fold_paths, runs_di
         f"hydra.run.dir={run_dir}",
     ]
     from_cli = json.loads((run_dir / "metrics.json").read_text())
-    expected = evaluate(
+    expected = run_evaluation(
         compose_config(overrides, runs_dir=runs_dir), output_dir=tmp_path / "direct"
     )
     for key in COMPARED:

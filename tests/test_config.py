@@ -7,10 +7,11 @@ import math
 
 import pytest
 
-from ml_infer.checkpoints import expand_checkpoint_paths
-from ml_infer.config import check_overrides, run_label
+from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.config import run_label
 from ml_infer.errors import UserError
 from ml_infer.evaluate import build_aggregators
+from ml_infer.precheck import check_overrides
 from ml_infer.report import add_derived_columns, collect_runs
 
 from .conftest import compose_config

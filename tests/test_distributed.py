@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ml_infer.evaluate import evaluate
+from ml_infer.task import run_evaluation
 
 from .conftest import CONF, REPO, compose_config
 
@@ -71,7 +71,7 @@ def assert_same_results(multi_dir: Path, single_dir: Path, single: dict) -> None
 )
 def test_two_processes_give_the_one_process_answer(overrides, runs_dir, tmp_path):
     torchrun(tmp_path / "two", f"runs_dir={runs_dir}", "tracking=none", *UNEVEN, *overrides)
-    single = evaluate(
+    single = run_evaluation(
         compose_config([*UNEVEN, *overrides], runs_dir=runs_dir), output_dir=tmp_path / "one"
     )
     assert_same_results(tmp_path / "two", tmp_path / "one", single)

@@ -10,10 +10,10 @@ import torch
 
 from ml_infer.aggregate import HardVoting, SoftVoting
 from ml_infer.augment import Views
-from ml_infer.checkpoints import load_classifier
+from ml_infer.bank import load_classifier
 from ml_infer.data import DigitsDataset
-from ml_infer.evaluate import evaluate
-from ml_infer.predictor import Predictor
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
@@ -24,7 +24,7 @@ def read_predictions(run_dir: Path) -> list[dict[str, str]]:
 
 
 def run(overrides, runs_dir, out_dir):
-    return evaluate(compose_config(overrides, runs_dir=runs_dir), output_dir=out_dir)
+    return run_evaluation(compose_config(overrides, runs_dir=runs_dir), output_dir=out_dir)
 
 
 def test_tta_none_is_identical_to_standard(runs_dir, tmp_path):
@@ -60,7 +60,7 @@ def predictor_for(classifiers, aggregator, views=None, forward_batch_size=256):
         aggregator,
         classifiers[0].input_spec,
         device=torch.device("cpu"),
-        forward_batch_size=forward_batch_size,
+        engine=EngineSettings(forward_batch_size=forward_batch_size),
     )
 
 
@@ -135,7 +135,7 @@ def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
     import statistics
 
     from ml_infer.data import make_loader
-    from ml_infer.predictor import predict_dataset
+    from ml_infer.runners import predict_dataset
 
     predictor = predictor_for([load_classifier(fold_paths[0])], SoftVoting())
     loader = make_loader(DigitsDataset(split="test"), batch_size=100)

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from ml_infer.checkpoints import open_checkpoint, read_checkpoint
 from ml_infer.errors import UserError
-from ml_infer.evaluate import evaluate
 from ml_infer.models import SmallCNN
+from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
@@ -71,8 +71,8 @@ def reference(runs_dir, tmp_path_factory):
     """Metrics of fold 0 as our own checkpoint, raw and EMA weights."""
     out = tmp_path_factory.mktemp("reference")
     fold = f"ensemble.checkpoints=[{runs_dir}/fold_0/weights/best.pt]"
-    raw = evaluate(compose_config([fold], runs_dir=runs_dir), output_dir=out / "raw")
-    ema = evaluate(
+    raw = run_evaluation(compose_config([fold], runs_dir=runs_dir), output_dir=out / "raw")
+    ema = run_evaluation(
         compose_config([fold, "use_ema=true"], runs_dir=runs_dir), output_dir=out / "ema"
     )
     return {"raw": raw, "ema": ema}
@@ -82,7 +82,7 @@ def run_foreign(path, runs_dir, out, *extra):
     cfg = compose_config(
         ["model=small_cnn", f"ensemble.checkpoints=[{path}]", *extra], runs_dir=runs_dir
     )
-    return evaluate(cfg, output_dir=out)
+    return run_evaluation(cfg, output_dir=out)
 
 
 @pytest.mark.parametrize("use_ema", [False, True], ids=["raw", "ema"])
@@ -160,7 +160,7 @@ def test_a_foreign_checkpoint_needs_an_architecture(fold_paths, runs_dir, tmp_pa
     torch.save(seed_best_pt(fold_paths[0]), path)
     cfg = compose_config([f"ensemble.checkpoints=[{path}]"], runs_dir=runs_dir)
     with pytest.raises(UserError, match="does not name its architecture; choose one with model="):
-        evaluate(cfg, output_dir=tmp_path / "run")
+        run_evaluation(cfg, output_dir=tmp_path / "run")
 
 
 def test_a_seed_checkpoint_with_another_class_count_is_refused(fold_paths, runs_dir, tmp_path):

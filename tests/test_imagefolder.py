@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_infer.data import ImageFolderDataset, UnlabelledImages, read_image
+from ml_infer.data import ImageFolderDataset, UnlabelledImages
 from ml_infer.errors import UserError
-from ml_infer.evaluate import evaluate
+from ml_infer.inputs import read_image
+from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
@@ -111,7 +112,7 @@ def test_evaluation_on_the_messy_folder_completes_and_reports_skips(
     cfg = compose_config(
         ["strategy=ensemble", "data=imagefolder", f"data.root={root}"], runs_dir=runs_dir
     )
-    metrics = evaluate(cfg, output_dir=tmp_path)
+    metrics = run_evaluation(cfg, output_dir=tmp_path)
     assert metrics["n"] == good and metrics["skipped_files"] == len(skipped)
     assert metrics["accuracy"] > 0.85  # real digits, resized 8 -> 32 -> 8
     with (tmp_path / "skipped_files.csv").open() as handle:
@@ -128,11 +129,11 @@ def test_predict_mode_matches_the_labelled_run(messy_folder, runs_dir, tmp_path)
         "tta=intensity",
         f"ensemble.checkpoints=[{runs_dir}/fold_1/weights/best.pt]",
     ]
-    evaluate(
+    run_evaluation(
         compose_config([*common, "data=imagefolder", f"data.root={root}"], runs_dir=runs_dir),
         output_dir=tmp_path / "labelled",
     )
-    predicted = evaluate(
+    predicted = run_evaluation(
         compose_config(
             [*common, "mode=predict", f"predict.root={root / 'test'}"], runs_dir=runs_dir
         ),
@@ -164,7 +165,7 @@ def test_class_names_must_match_the_checkpoint(tmp_path, runs_dir):
         digit_image(np.eye(8) * 16, "L").save(tmp_path / "data" / name / "a.png")
     cfg = compose_config(["data=imagefolder", f"data.root={tmp_path / 'data'}"], runs_dir=runs_dir)
     with pytest.raises(UserError, match=r"only in data: \['cat'\]; only in checkpoint: \['2', '3'"):
-        evaluate(cfg, output_dir=tmp_path / "run")
+        run_evaluation(cfg, output_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_infer.checkpoints import load_classifier, read_checkpoint
+from ml_infer.bank import load_classifier
+from ml_infer.checkpoints import read_checkpoint
 from ml_infer.errors import UserError
 
 from .conftest import REPO, run_cli

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from ml_infer.config import options
-from ml_infer.evaluate import evaluate
+from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
@@ -38,7 +38,7 @@ def test_the_six_seed_strategies_are_presets():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_runs_end_to_end(strategy, runs_dir, fold_paths, tmp_path):
     cfg = compose_config([f"strategy={strategy}"], runs_dir=runs_dir)
-    returned = evaluate(cfg, output_dir=tmp_path)
+    returned = run_evaluation(cfg, output_dir=tmp_path)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == returned
@@ -74,14 +74,16 @@ def test_strategy_runs_end_to_end(strategy, runs_dir, fold_paths, tmp_path):
     ],
 )
 def test_command_line_overrides(overrides, views, models, min_accuracy, runs_dir, tmp_path):
-    metrics = evaluate(compose_config(overrides, runs_dir=runs_dir), output_dir=tmp_path)
+    metrics = run_evaluation(compose_config(overrides, runs_dir=runs_dir), output_dir=tmp_path)
     assert (metrics["views"], metrics["models"]) == (views, models)
     assert metrics["n"] == 360
     assert metrics["accuracy"] > min_accuracy
 
 
 def test_use_ema_loads_the_ema_weights(runs_dir, tmp_path):
-    raw = evaluate(compose_config([], runs_dir=runs_dir), output_dir=tmp_path / "raw")
-    ema = evaluate(compose_config(["use_ema=true"], runs_dir=runs_dir), output_dir=tmp_path / "ema")
+    raw = run_evaluation(compose_config([], runs_dir=runs_dir), output_dir=tmp_path / "raw")
+    ema = run_evaluation(
+        compose_config(["use_ema=true"], runs_dir=runs_dir), output_dir=tmp_path / "ema"
+    )
     assert raw["weights"] == ["raw"] and ema["weights"] == ["ema"]
     assert raw["nll"] != ema["nll"]

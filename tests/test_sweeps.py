@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from ml_infer.outputs import (
+from ml_infer.report import collect_runs
+from ml_infer.sweeplock import (
     SWEEP_LOCK_FILE,
     SweepDirInUse,
     acquire_sweep_lock,
     release_sweep_lock,
 )
-from ml_infer.report import collect_runs
 
 from .conftest import REPO, run_cli
 

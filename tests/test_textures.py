@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ml_infer.checkpoints import read_checkpoint
-from ml_infer.evaluate import evaluate
+from ml_infer.task import run_evaluation
 from ml_infer.textures import SOURCES, build_textures, cut_patches
 from ml_infer.train import train_folds
 
@@ -65,7 +65,7 @@ def test_folds_train_on_it_as_an_rgb_model_and_tta_runs(textures, tmp_path):
     contents, _ = read_checkpoint(paths[0])
     assert contents["input"]["channels"] == 3 and contents["input"]["size"] == [16, 16]
     assert contents["classes"] == sorted(SOURCES)
-    metrics = evaluate(
+    metrics = run_evaluation(
         compose_config(
             ["data=textures", f"data.root={root}", "strategy=tta_ensemble", "tta=d4"], runs_dir=runs
         ),

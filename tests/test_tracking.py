@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_infer.evaluate import evaluate
+from ml_infer.task import run_evaluation
 
 from .conftest import compose_config, run_cli
 
@@ -232,7 +232,7 @@ def test_required_tracking_fails_before_any_work(runs_dir, tmp_path):
 def test_tracking_none_writes_no_store(runs_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # where the default store sqlite:///outputs/mlflow.db would go
     cfg = compose_config(["tracking=none"], runs_dir=runs_dir)
-    evaluate(cfg, output_dir=tmp_path / "run")
+    run_evaluation(cfg, output_dir=tmp_path / "run")
     assert not (tmp_path / "outputs").exists()
     assert not list(tmp_path.rglob("*.db"))
 
@@ -242,7 +242,7 @@ def test_single_run_is_tracked_in_process(runs_dir, tmp_path):
     cfg = compose_config(
         ["tracking=mlflow", f"tracking.uri={uri}", "strategy=ensemble"], runs_dir=runs_dir
     )
-    metrics = evaluate(cfg, output_dir=tmp_path / "run")
+    metrics = run_evaluation(cfg, output_dir=tmp_path / "run")
     client = client_for(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ml_infer-digits").experiment_id])
     assert "mlflow.parentRunId" not in run.data.tags

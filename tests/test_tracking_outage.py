@@ -284,7 +284,7 @@ def test_the_parent_is_closed_failed_when_the_store_answers_again_at_sweep_end(t
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf
 
-    from ml_infer.tracking import SweepTracking
+    from ml_infer.tracking import MLflowSweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -300,7 +300,7 @@ def test_the_parent_is_closed_failed_when_the_store_answers_again_at_sweep_end(t
     (sweep_dir / "mlflow_parent_run.json").write_text(json.dumps({"run_id": parent, "uri": uri}))
     config = OmegaConf.create({"tracking": {"backend": "mlflow", "uri": uri, "experiment": "e"}})
 
-    summary = SweepTracking()._close_parent(config, sweep_dir, "s1")
+    summary = MLflowSweep._close_parent(config, sweep_dir, "s1")
     assert summary == (
         f"warning: 1 of 2 runs were not logged to {uri} (connection refused); log them later "
         f"with: python -m ml_infer.report {sweep_dir} --sync"

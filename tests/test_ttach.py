@@ -11,11 +11,12 @@ from torch import nn
 
 from ml_infer.aggregate import SoftVoting
 from ml_infer.augment import Views
-from ml_infer.checkpoints import InputSpec, load_classifier
+from ml_infer.bank import load_classifier
 from ml_infer.data import DigitsDataset, make_loader
 from ml_infer.evaluate import build_views
+from ml_infer.inputs import InputSpec
 from ml_infer.models import torchvision_classifier
-from ml_infer.predictor import Predictor
+from ml_infer.predictor import EngineSettings, Predictor
 
 from .conftest import compose_config
 
@@ -42,7 +43,7 @@ def our_d4_mean(model: nn.Module, images: torch.Tensor, spec: InputSpec, **engin
         SoftVoting(),
         spec,
         device=torch.device("cpu"),
-        **engine,
+        engine=EngineSettings(**engine),
     )
     return predictor(images).probs
 
@@ -67,7 +68,7 @@ def test_the_two_d4_sets_are_the_same_eight_views():
     [
         {"channels_last": True},  # conf/config.yaml's engine: chunks `auto`, BatchNorm folded
         {"forward_batch_size": 7},
-        {"forward_batch_size": 512, "fold_batch_norms": False},
+        {"forward_batch_size": 512, "fold_batch_norm": False},
     ],
     ids=["configured", "small-chunks-contiguous", "one-chunk-unfolded"],
 )

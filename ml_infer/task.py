@@ -1,0 +1,42 @@
+"""The task behind `python -m ml_infer`: evaluate a strategy, write its files, log it.
+
+    compose (Hydra) -> evaluate -> record -> track
+
+`run_evaluation(cfg, output_dir)` is that flow as a plain function, for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ml_infer.errors import UserError
+from ml_infer.evaluate import evaluate
+from ml_infer.record import write_run
+from ml_infer.tracking import log_evaluation, preflight
+
+
+def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
+    """Evaluates the configured strategy, writes its files into `output_dir` (default: the Hydra
+    run directory) and logs it to the tracking store; returns what `metrics.json` holds (empty
+    on the helper processes of a multi-process run)."""
+    run_dir = Path(output_dir) if output_dir is not None else hydra_run_dir()
+    if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
+        preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
+    evaluation = evaluate(cfg)
+    if evaluation is None:
+        return {}
+    write_run(evaluation, run_dir)
+    log_evaluation(cfg, evaluation.metrics, run_dir)
+    return evaluation.metrics
+
+
+def hydra_run_dir() -> Path:
+    """This job's run directory (Hydra's `runtime.output_dir`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        raise UserError("run_evaluation() outside a Hydra run needs an output_dir")
+    return Path(HydraConfig.get().runtime.output_dir)
