@@ -33,6 +33,7 @@ from ml_infer.outputs import (
 )
 from ml_infer.precheck import check_command_line
 from ml_infer.sweeplock import acquire_sweep_lock, release_sweep_lock
+from ml_infer.tracking import TrackingFailed
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """
     # Imported here, not at the top: the name checks of main() answer before torch is imported.
     from ml_infer.task import hydra_run_dir, run_evaluation
-    from ml_infer.tracking import TrackingFailed
 
     run_dir = hydra_run_dir()
     try:

@@ -202,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     overrides = to_overrides(args)
     flags = ["-m"] if args.multirun else []
     print("equivalent: python -m ml_infer " + shlex.join([*flags, *overrides]), flush=True)
+    # Imported here: `ml-inference --help` and flag errors answer without Hydra (tested).
     from ml_infer.__main__ import main as run_hydra
 
     sys.argv = ["ml-inference", *flags, *overrides]

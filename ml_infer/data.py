@@ -14,7 +14,6 @@ the files that could not be used, with the reason.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,24 +24,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ml_infer.config import instantiate
 from ml_infer.errors import UserError, one_of
-from ml_infer.inputs import decode_images, fit_images
+from ml_infer.folders import (
+    SPLITS,
+    SkippedFile,
+    find_images,
+    hidden,
+    load_images,
+    relative_path,
+    split_dir,
+)
+from ml_infer.inputs import fit_images
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (
-    ".bmp",
-    ".gif",
-    ".jpeg",
-    ".jpg",
-    ".pgm",
-    ".png",
-    ".ppm",
-    ".tif",
-    ".tiff",
-    ".webp",
-)
 
 
 def stratified_split(
@@ -66,14 +61,6 @@ def stratified_split(
         rest, test_size=val_share_of_rest, stratify=labels[rest], random_state=seed
     )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-@dataclasses.dataclass(frozen=True)
-class SkippedFile:
-    """A file under a data root that is not used, and why."""
-
-    path: str
-    reason: str
 
 
 class TensorImages(Dataset[tuple[Tensor, Tensor, int]]):
@@ -173,38 +160,38 @@ class ImageFolderDataset(TensorImages):
         decode_threads: int = 4,
     ):
         root = Path(root)
-        split_dir = _split_dir(root, split)
+        where = split_dir(root, split)
         classes = sorted(
-            entry.name for entry in split_dir.iterdir() if entry.is_dir() and not _hidden(entry)
+            entry.name for entry in where.iterdir() if entry.is_dir() and not hidden(entry)
         )
         if not classes:
-            raise UserError(
-                f"no class folders under {split_dir}; expected {split_dir}/<class>/<image>"
-            )
+            raise UserError(f"no class folders under {where}; expected {where}/<class>/<image>")
         skipped = [
-            SkippedFile(_relative(entry, root), "not inside a class folder")
-            for entry in sorted(split_dir.iterdir())
-            if entry.is_file() and not _hidden(entry)
+            SkippedFile(relative_path(entry, root), "not inside a class folder")
+            for entry in sorted(where.iterdir())
+            if entry.is_file() and not hidden(entry)
         ]
         paths, labels = [], []
         for label, name in enumerate(classes):
-            images, not_images = find_images(split_dir / name)
+            images, not_images = find_images(where / name)
             paths += images
             labels += [label] * len(images)
-            skipped += [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
-        loaded = _load_images(
+            skipped += [
+                SkippedFile(relative_path(p, root), "not an image file") for p in not_images
+            ]
+        loaded = load_images(
             paths,
             labels,
             skipped,
             root=root,
-            where=split_dir,
+            where=where,
             image_size=image_size,
             channels=channels,
             threads=decode_threads,
         )
         for label, name in enumerate(classes):
             if not (loaded["labels"] == label).any():
-                log.warning("class folder %r under %s has no readable images", name, split_dir)
+                log.warning("class folder %r under %s has no readable images", name, where)
         super().__init__(**loaded, classes=classes)
 
 
@@ -227,8 +214,8 @@ class UnlabelledImages(TensorImages):
         if not root.is_dir():
             raise UserError(f"predict.root {str(root)!r} is not a directory")
         paths, not_images = find_images(root)
-        skipped = [SkippedFile(_relative(p, root), "not an image file") for p in not_images]
-        loaded = _load_images(
+        skipped = [SkippedFile(relative_path(p, root), "not an image file") for p in not_images]
+        loaded = load_images(
             paths,
             [-1] * len(paths),
             skipped,
@@ -241,85 +228,13 @@ class UnlabelledImages(TensorImages):
         super().__init__(**loaded, classes=[])
 
 
-def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
-    """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
-    images: list[Path] = []
-    others: list[Path] = []
-    for path in sorted(directory.rglob("*")):
-        if any(_hidden(part) for part in path.relative_to(directory).parts) or not path.is_file():
-            continue
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
-    return images, others
-
-
-def _load_images(
-    paths: Sequence[Path],
-    labels: Sequence[int],
-    skipped: list[SkippedFile],
-    *,
-    root: Path,
-    where: Path,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int,
-) -> dict[str, Any]:
-    """`TensorImages` arguments for the files that decode; the others join the skipped list."""
-    decoded = decode_images(paths, image_size=image_size, channels=channels, threads=threads)
-    kept = [i for i, image in enumerate(decoded.images) if image is not None]
-    skipped = skipped + [
-        SkippedFile(_relative(paths[i], root), decoded.errors[i]) for i in decoded.failed
-    ]
-    if not kept:
-        raise UserError(f"no readable images under {where} (skipped {len(skipped)} files)")
-    if skipped:
-        log.warning(
-            "skipped %d of %d files under %s (listed in skipped_files.csv), e.g. %s: %s",
-            len(skipped),
-            len(skipped) + len(kept),
-            where,
-            skipped[0].path,
-            skipped[0].reason,
-        )
-    kept_images = [image for image in decoded.images if image is not None]
-    return {
-        "images": torch.from_numpy(np.stack(kept_images)),
-        "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
-        "sample_ids": [_relative(paths[i], root) for i in kept],
-        "skipped": sorted(skipped, key=lambda entry: entry.path),
-    }
-
-
-def _split_dir(root: Path, split: str) -> Path:
-    if not root.is_dir():
-        raise UserError(f"data.root {str(root)!r} is not a directory")
-    present = [s for s in SPLITS if (root / s).is_dir()]
-    if not present:
-        if split == "train":
-            raise UserError(
-                f"{root} has no train/ folder: a folder of class folders is evaluation data; to "
-                f"train, put images under {root}/train/<class>/ (and held-out ones under test/)"
-            )
-        return root  # no split folders: root holds the class folders, all of them evaluated
-    if split not in present:
-        raise UserError(f"no split {split!r} under {root}; found: {', '.join(present)}")
-    return root / split
-
-
-def _hidden(entry: Path | str) -> bool:
-    return (entry.name if isinstance(entry, Path) else entry).startswith(".")
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
 def build_dataset(data_config: Any, split: str, **kwargs: Any) -> TensorImages:
     """The configured data set's `split`, fitted to a model's input (`image_size`, `channels`)."""
     from omegaconf import OmegaConf
 
-    from ml_infer.config import instantiate
-
-    if "root" in data_config.keys() and OmegaConf.is_missing(data_config, "root"):
+    # `in data_config` is False for a required (???) value: keys() lists it.
+    needs_root = "root" in data_config.keys()  # noqa: SIM118
+    if needs_root and OmegaConf.is_missing(data_config, "root"):
         raise UserError(f"data={data_config.name} needs data.root=DIR, the folder of images")
     dataset = instantiate(data_config.dataset, split=split, **kwargs)
     if not isinstance(dataset, TensorImages):

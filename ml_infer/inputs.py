@@ -139,7 +139,7 @@ def decode_images(
             return read_image(path, size=size, channels=channels)
         except ImageTooLarge as error:
             return str(error)
-        except Exception as error:  # PIL raises many types for bad files
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
             return f"unreadable image ({type(error).__name__}: {brief(error, 120)})"
 
     pool = ThreadPoolExecutor(max_workers=max(1, threads))
@@ -236,7 +236,7 @@ def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
             with _own_size_limit(), Image.open(path) as image:
                 if image.width * image.height <= MAX_IMAGE_PIXELS:
                     sizes.add((image.height, image.width))
-        except Exception:  # reported when decoding
+        except Exception:  # noqa: BLE001 - reported when decoding
             continue
     if len(sizes) != 1:
         raise UserError(

@@ -147,7 +147,7 @@ def _check_key(cfg: Any, key: str, override: str) -> None:
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             return  # inside a list or a plain value: Hydra judges it
-        if part in node.keys():  # `in node` is False for a required (???) value
+        if part in node.keys():  # noqa: SIM118 - `in node` is False for a required (???) value
             node = node._get_node(part)
             continue
         parent = ".".join(parts[:depth])

@@ -121,7 +121,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
             log.info("BatchNorm not folded: the model calls a module at more than one place")
             return model
         return fuse(traced, no_trace=True)  # fuse copies the traced model: `model` stays as is
-    except Exception as error:  # noqa: BLE001 - any tracing failure means: run the model as is
+    except Exception as error:  # noqa: BLE001 - any tracing failure: run the model as is
         log.info(
             "BatchNorm not folded (%s: %s); running the model as is", type(error).__name__, error
         )

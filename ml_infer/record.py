@@ -8,14 +8,18 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
+from omegaconf import DictConfig
+
+from ml_infer.data import TensorImages
 from ml_infer.evaluate import Evaluation
+from ml_infer.folders import SkippedFile
 from ml_infer.outputs import atomic_write, current_sweep_id, remove_stale_results, write_json
 from ml_infer.plots import plot_confusion_matrix
+from ml_infer.runners import DatasetPredictions
 
 
-def write_resolved_config(path: Path, cfg: Any) -> None:
+def write_resolved_config(path: Path, cfg: DictConfig) -> None:
     """The run's config, every interpolation resolved (.hydra/config.yaml keeps them)."""
     from omegaconf import OmegaConf
 
@@ -23,7 +27,9 @@ def write_resolved_config(path: Path, cfg: Any) -> None:
         handle.write(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def write_predictions(path: Path, result: Any, dataset: Any, classes: Sequence[str]) -> None:
+def write_predictions(
+    path: Path, result: DatasetPredictions, dataset: TensorImages, classes: Sequence[str]
+) -> None:
     """Labelled data, one row per image: id, true and predicted class, each class's probability."""
     with atomic_write(path, newline="") as handle:
         writer = csv.writer(handle)
@@ -40,7 +46,7 @@ def write_predictions(path: Path, result: Any, dataset: Any, classes: Sequence[s
 
 
 def write_unlabelled_predictions(
-    path: Path, result: Any, dataset: Any, classes: Sequence[str]
+    path: Path, result: DatasetPredictions, dataset: TensorImages, classes: Sequence[str]
 ) -> None:
     """Unlabelled data: path, predicted class, its probability, the entropy (nats), each class's
     probability."""
@@ -64,7 +70,7 @@ def write_unlabelled_predictions(
             )
 
 
-def write_skipped(path: Path, skipped: Sequence[Any]) -> None:
+def write_skipped(path: Path, skipped: Sequence[SkippedFile]) -> None:
     """The files of the data root that were not used, and why (written only when there are any)."""
     if not skipped:
         return
@@ -74,7 +80,9 @@ def write_skipped(path: Path, skipped: Sequence[Any]) -> None:
         writer.writerows([entry.path, entry.reason] for entry in skipped)
 
 
-def _rows_in_data_order(result: Any) -> Iterator[tuple[int, int, int, list[float]]]:
+def _rows_in_data_order(
+    result: DatasetPredictions,
+) -> Iterator[tuple[int, int, int, list[float]]]:
     order = result.positions.argsort()
     positions = result.positions[order].tolist()
     labels = result.labels[order].tolist()

@@ -112,9 +112,8 @@ def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
     """
     for name in _NUMERIC_FIELDS:
         value = metrics.get(name)
-        if name in metrics and value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return f"has {name}={value!r:.40}, not a number"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"has {name}={value!r:.40}, not a number"
     checkpoints = metrics.get("checkpoint_sha256")
     if checkpoints is not None and not isinstance(checkpoints, list):
         return f"has checkpoint_sha256={checkpoints!r:.40}, not a list"

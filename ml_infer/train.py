@@ -22,8 +22,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import conf_dir, plain_dict
+from ml_infer.checkpoints import save_checkpoint
+from ml_infer.config import conf_dir, instantiate, plain_dict
+from ml_infer.data import build_dataset
+from ml_infer.device import resolve_device
 from ml_infer.errors import Interrupted, UserError, exit_interrupted, exit_with, stop_on_signals
+from ml_infer.inputs import InputSpec
 from ml_infer.precheck import check_command_line
 
 log = logging.getLogger(__name__)
@@ -65,11 +69,6 @@ def train_folds(cfg: DictConfig) -> list[Path]:
     from sklearn.model_selection import StratifiedKFold
     from tqdm.auto import tqdm
 
-    from ml_infer.checkpoints import save_checkpoint
-    from ml_infer.data import build_dataset
-    from ml_infer.device import resolve_device
-    from ml_infer.inputs import InputSpec
-
     if cfg.folds < 2:
         raise UserError(f"folds must be at least 2 (k-fold cross-validation), got {cfg.folds}")
     device = resolve_device(cfg.device)
@@ -103,7 +102,6 @@ def train_folds(cfg: DictConfig) -> list[Path]:
             "in_channels": channels,
             "num_classes": len(dataset.classes),
         }
-        from ml_infer.config import instantiate
 
         model = instantiate(model_config).to(device)
         ema = ModelEma(model, cfg.ema_decay)

@@ -258,7 +258,7 @@ class Scenarios:
 
     def interpolation_in_a_checkpoint(self) -> Case:
         marker = self.tmp / "pwned"
-        payload = "${oc.create:{_target_: os.makedirs, name: %s}}" % marker
+        payload = f"${{oc.create:{{_target_: os.makedirs, name: {marker}}}}}"
         path = self.checkpoint("interpolated.pt", lambda c: c["model"].update(width=payload))
         case = self.with_checkpoint(path)
         case.check = lambda: _assert_missing(marker)

@@ -5,15 +5,18 @@ No assertion here is about speed."""
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_PATH = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+BENCH_PATH = SCRIPTS / "bench.py"
+BENCH_MODULES = ("bench", "benchlib")  # the command line and its package
 
 EXPECTED_FORWARDS = {
     "standard": 1,
@@ -39,14 +42,28 @@ EXPECTED_FORWARDS = {
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up there
+    """scripts/bench.py, with scripts/ on sys.path as `python scripts/bench.py` has it: the
+    command line imports its package, scripts/benchlib, from there."""
+    sys.path.insert(0, str(SCRIPTS))
     try:
-        spec.loader.exec_module(module)
-        yield module
+        yield importlib.import_module("bench")
     finally:
-        del sys.modules["bench"]
+        sys.path.remove(str(SCRIPTS))
+        for name in [name for name in sys.modules if name.partition(".")[0] in BENCH_MODULES]:
+            del sys.modules[name]
+
+
+def test_help_imports_no_torch():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BENCH_PATH), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--quick" in result.stdout
+    imported = {line.rpartition("|")[2].strip() for line in result.stderr.splitlines()}
+    assert imported and not {name for name in imported if name.split(".")[0] == "torch"}
 
 
 def test_help_describes_the_options(bench, capsys):
@@ -112,9 +129,12 @@ def test_a_short_last_batch_counts_for_its_size(bench):
     def proportional(index: int) -> None:
         time.sleep(batch_sizes[index] * 2e-5)
 
-    def row(name: str) -> bench.Row:
-        return bench.Row("fake", name, "fake", 1, sum(batch_sizes), proportional, lambda: None)
+    from benchlib.measure import measure
+    from benchlib.rows import Row
+
+    def row(name: str) -> Row:
+        return Row("fake", name, "fake", 1, sum(batch_sizes), proportional, lambda: None)
 
     standard, same_cost = row("standard"), row("same cost")
-    bench.measure([same_cost], standard, batch_sizes, 3, torch.device("cpu"))
+    measure([same_cost], standard, batch_sizes, 3, torch.device("cpu"))
     assert same_cost.efficiency == pytest.approx(1.0, abs=0.15)

@@ -19,7 +19,7 @@ DESIGN_KEYS = {"model", "model_state_dict", "ema_state_dict", "classes", "input"
 
 def test_trainer_writes_the_design_format_loadable_with_weights_only(fold_paths):
     contents = torch.load(fold_paths[0], weights_only=True)
-    assert DESIGN_KEYS <= contents.keys()
+    assert contents.keys() >= DESIGN_KEYS
     assert contents["model"]["_target_"] == "ml_infer.models.SmallCNN"
     assert contents["classes"] == [str(d) for d in range(10)]
     assert contents["input"]["size"] == [8, 8] and contents["input"]["channels"] == 1

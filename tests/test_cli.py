@@ -51,6 +51,7 @@ def seed_examples(folds: list[Path]) -> list[tuple[list[str], list[str]]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", range(5))
 def test_seed_cli_example_matches_python_m_ml_infer(example, fold_paths, runs_dir, tmp_path):
     flags, overrides = seed_examples(fold_paths)[example]
@@ -131,7 +132,7 @@ def test_seed_cli_example_matches_python_m_ml_infer(example, fold_paths, runs_di
     ],
 )
 def test_flags_map_to_overrides(flags, expected):
-    flags, overrides = split_overrides(flags)
+    flags, _overrides = split_overrides(flags)
     args = build_parser().parse_args(flags)
     assert to_overrides(args) == expected
 

@@ -61,6 +61,7 @@ def assert_same_results(multi_dir: Path, single_dir: Path, single: dict) -> None
     assert multi_rows == (single_dir / "predictions.csv").read_text().splitlines()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -77,6 +78,7 @@ def test_two_processes_give_the_one_process_answer(overrides, runs_dir, tmp_path
     assert_same_results(tmp_path / "two", tmp_path / "one", single)
 
 
+@pytest.mark.slow
 def test_a_sweep_under_two_processes_runs_every_job_on_the_same_process_group(runs_dir, tmp_path):
     # The process group lives until the processes exit: ending it after a run would break the
     # sweep's next run.
@@ -96,6 +98,7 @@ def test_a_sweep_under_two_processes_runs_every_job_on_the_same_process_group(ru
     assert (sweep_dir / "comparison.md").read_text().count("\n") == 4  # header, rule, two runs
 
 
+@pytest.mark.slow
 def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = torchrun(

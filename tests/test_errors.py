@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ml_infer.checkpoints import read_checkpoint
+from ml_infer.config import options
 
 from .conftest import run_cli
 
@@ -42,20 +43,26 @@ def assert_nothing_written(run_dir: Path) -> None:
             ["strategy=fastest"],
             [
                 "unknown strategy 'fastest'",
-                "accelerate, ensemble, mixed_precision, standard, tta, tta_ensemble",
+                f"valid: {', '.join(options('strategy'))}",
             ],
         ),
         (
             ["tta.augmentations=[horizontal_flip,mirror]"],
-            ["unknown augmentation 'mirror'", "rotate_90"],
+            ["unknown augmentation 'mirror'", f"valid: {', '.join(options('augmentation'))}"],
         ),
-        (["tta.aggregation=avg"], ["unknown TTA aggregation 'avg'", "gmean, max, mean, vote"]),
+        (
+            ["tta.aggregation=avg"],
+            ["unknown TTA aggregation 'avg'", f"valid: {', '.join(options('tta_aggregation'))}"],
+        ),
         (
             ["ensemble.aggregation=average"],
-            ["unknown ensemble aggregation 'average'", "hard_voting, soft_voting, weighted"],
+            [
+                "unknown ensemble aggregation 'average'",
+                f"valid: {', '.join(options('ensemble_aggregation'))}",
+            ],
         ),
         (["-m", "strategy=standard,nope"], ["unknown strategy 'nope'"]),
-        (["tta=everything"], ["unknown tta 'everything'", "d4, flips"]),
+        (["tta=everything"], ["unknown tta 'everything'", f"valid: {', '.join(options('tta'))}"]),
         (["strategy='fastest'"], ["unknown strategy 'fastest'"]),
     ],
 )
@@ -79,6 +86,7 @@ def test_unknown_names_are_answered_before_any_work(overrides, fragments, tmp_pa
     assert not list(tmp_path.iterdir())  # nothing written, not even Hydra's run dir
 
 
+@pytest.mark.slow
 def test_missing_checkpoint(runs_dir, tmp_path):
     missing = tmp_path / "nowhere" / "best.pt"
     result = evaluate_cli(tmp_path / "run", runs_dir, f"ensemble.checkpoints=[{missing}]")
@@ -86,11 +94,13 @@ def test_missing_checkpoint(runs_dir, tmp_path):
     assert_nothing_written(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_glob_matching_no_checkpoint(tmp_path):
     result = evaluate_cli(tmp_path / "run", tmp_path / "empty", "strategy=ensemble")
     assert_one_line_error(result, "no checkpoint matches", "fold_*")
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint(fold_paths, runs_dir, tmp_path):
     data = fold_paths[0].read_bytes()
     truncated = tmp_path / "truncated.pt"
@@ -100,6 +110,7 @@ def test_truncated_checkpoint(fold_paths, runs_dir, tmp_path):
     assert_nothing_written(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_ensemble_members_with_different_classes(fold_paths, runs_dir, tmp_path):
     contents, _ = read_checkpoint(fold_paths[1])
     contents["classes"] = [*contents["classes"][:-1], "nine"]
@@ -115,6 +126,7 @@ def test_ensemble_members_with_different_classes(fold_paths, runs_dir, tmp_path)
     assert_nothing_written(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_wrong_number_of_ensemble_weights(runs_dir, tmp_path):
     result = evaluate_cli(
         tmp_path / "run",
@@ -126,6 +138,7 @@ def test_wrong_number_of_ensemble_weights(runs_dir, tmp_path):
     assert_one_line_error(result, "2 ensemble weights for 3 checkpoints")
 
 
+@pytest.mark.slow
 def test_negative_ensemble_weight(runs_dir, tmp_path):
     result = evaluate_cli(
         tmp_path / "run",
@@ -137,6 +150,7 @@ def test_negative_ensemble_weight(runs_dir, tmp_path):
     assert_one_line_error(result, "must be non-negative", "-1.0")
 
 
+@pytest.mark.slow
 def test_full_traceback_on_request(tmp_path):
     args = ["ml_infer", f"hydra.run.dir={tmp_path}", "ensemble.checkpoints=[/no/such.pt]"]
     result = run_cli(args, env={"HYDRA_FULL_ERROR": "1"})
@@ -144,6 +158,7 @@ def test_full_traceback_on_request(tmp_path):
     assert "Traceback" in result.stderr and "checkpoint not found" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "fragments"),
     [
@@ -162,6 +177,7 @@ def test_more_bad_input_is_one_line(overrides, fragments, runs_dir, tmp_path):
     assert_nothing_written(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_sweep_with_a_failing_job_reports_the_others_and_exits_2(runs_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(

@@ -86,7 +86,7 @@ def test_messy_folder_loads_every_good_image_and_lists_the_bad_ones(messy_folder
     assert {s.path: s.reason.split(" (")[0] for s in dataset.skipped} == skipped
     assert "test/4/more_scans/deep.png" in dataset.sample_ids
     assert dataset.pixels().shape == (good, 1, 8, 8)
-    assert 0.0 <= float(dataset.pixels().min()) and float(dataset.pixels().max()) <= 1.0
+    assert float(dataset.pixels().min()) >= 0.0 and float(dataset.pixels().max()) <= 1.0
 
 
 def test_every_image_mode_reads_to_the_same_pixels(tmp_path):

@@ -283,6 +283,7 @@ def test_the_report_reads_labels_as_data_and_skips_unreadable_runs(hand_made_swe
     ]
 
 
+@pytest.mark.slow
 def test_python_m_ml_infer_report_on_a_sweep_with_unreadable_runs(hand_made_sweep):
     result = run_cli(["ml_infer.report", str(hand_made_sweep)])
     assert result.returncode == 0, result.stderr

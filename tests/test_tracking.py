@@ -105,6 +105,7 @@ def check_report_matches_runs(sweep_dir: Path) -> None:
     assert (sweep_dir / "pareto.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_sweep_into_embedded_sqlite_store(runs_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     _, sweep_dir = sweep(tmp_path, runs_dir, uri)
@@ -186,6 +187,7 @@ def mlflow_server(tmp_path):
     log_file.close()
 
 
+@pytest.mark.slow
 def test_sweep_against_a_real_mlflow_server_with_the_joblib_launcher(
     runs_dir, tmp_path, mlflow_server
 ):
@@ -196,6 +198,7 @@ def test_sweep_against_a_real_mlflow_server_with_the_joblib_launcher(
     check_report_matches_runs(sweep_dir)
 
 
+@pytest.mark.slow
 def test_unreachable_store_warns_and_keeps_local_results(runs_dir, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
@@ -207,6 +210,7 @@ def test_unreachable_store_warns_and_keeps_local_results(runs_dir, tmp_path):
     assert (run_dir / "metrics.json").is_file() and (run_dir / "predictions.csv").is_file()
 
 
+@pytest.mark.slow
 def test_required_tracking_fails_before_any_work(runs_dir, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"

@@ -4,6 +4,7 @@ missed. Real stores only: sqlite files and a real `mlflow server` subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -143,10 +144,8 @@ def start_server(port: int, store: Path, log: Any) -> subprocess.Popen:
 
 
 def stop_server(process: subprocess.Popen, how: int = signal.SIGTERM) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, how)
-    except ProcessLookupError:
-        pass
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -272,6 +271,7 @@ def check_sync(uri: str, sweep_dir: Path, cwd: Path) -> None:
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_report_sync_needs_a_sweep_directory(tmp_path):
     result = run_cli(["ml_infer.report", str(tmp_path / "missing"), "--sync"], cwd=REPO)
     assert result.returncode == 2

@@ -180,7 +180,7 @@ def log_evaluation(cfg: DictConfig, metrics: Mapping[str, Any], run_dir: Path) -
     created: dict[str, str] = {}
     try:
         run_id = _log_run(tracking, record, created)
-    except Exception as error:  # any store failure: network, database, permissions
+    except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         _mark_pending(tracking, record, error, created.get("run_id"))
         _report_failure(tracking, "logging the run", error)
         return None
@@ -255,10 +255,9 @@ def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, s
             client.log_artifact(run_id, str(artifact))
         client.set_terminated(run_id, "FINISHED")
     except Exception:
-        try:
+        # the store may be gone: the original failure is what to report
+        with contextlib.suppress(Exception):
             client.set_terminated(run_id, "FAILED")
-        except Exception:  # the store is gone: the original failure is what to report
-            pass
         raise
     log.info(
         "logged MLflow run %s to %s (experiment %r)", run_id, tracking.uri, tracking.experiment

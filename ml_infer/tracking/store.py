@@ -205,7 +205,7 @@ def preflight(tracking: Any) -> None:
         _client(settings).get_experiment_by_name(settings.experiment)
     except TrackingFailed:
         raise
-    except Exception as error:  # any store failure: network, database, permissions
+    except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         raise TrackingFailed(
             f"tracking store {settings.uri} cannot be used: {error_text(error)}",
             _summary_cause(error),
@@ -228,6 +228,6 @@ def guarded(
     """Runs a tracking step; a failure is a warning, or an error when tracking.required is set."""
     try:
         return function(*args, **kw)
-    except Exception as error:  # any store failure: network, database, permissions
+    except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         _report_failure(tracking, action, error)
         return None

@@ -141,7 +141,7 @@ def _sync_locked(
             _in_store(store, "deleting a run left half-logged", client.delete_run, partial)
         try:
             run_id = _log_run(settings, record, {})
-        except Exception as error:  # this run's files or the store: the others still go
+        except Exception as error:  # noqa: BLE001 - this run's files or the store: others go on
             result.failed.append((record.run_dir, error_text(error)))
             continue
         _mark_logged(settings, record.run_dir, run_id, sweep_id=sweep_id, synced=True)
@@ -170,7 +170,7 @@ def _in_store(tracking: TrackingSettings, action: str, function: Callable[..., A
         return function(*args)
     except UserError:
         raise
-    except Exception as error:  # network, database, permissions
+    except Exception as error:  # noqa: BLE001 - network, database, permissions
         raise TrackingFailed(
             f"MLflow tracking to {tracking.uri} failed while {action}: {error_text(error)}",
             _summary_cause(error),
@@ -224,7 +224,7 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
         )
     except UserError:
         raise
-    except Exception as error:  # any store failure: network, database, permissions
+    except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         raise TrackingFailed(
             f"tracking store {tracking_uri} cannot be used: {error_text(error)}",
             _summary_cause(error),

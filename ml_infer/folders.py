@@ -1,0 +1,118 @@
+"""Images in folders: finding them, loading the ones that decode, listing the ones that do not.
+
+An image folder is torchvision's ImageFolder layout, `root/[split/]<class>/**/<image>`; names
+starting with "." are ignored; files that are not images, or that cannot be decoded, are
+skipped with the reason (`skipped_files.csv`), never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml_infer.errors import UserError
+from ml_infer.inputs import decode_images
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+IMAGE_EXTENSIONS = (
+    ".bmp",
+    ".gif",
+    ".jpeg",
+    ".jpg",
+    ".pgm",
+    ".png",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedFile:
+    """A file under a data root that is not used, and why."""
+
+    path: str
+    reason: str
+
+
+def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
+    """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
+    images: list[Path] = []
+    others: list[Path] = []
+    for path in sorted(directory.rglob("*")):
+        if any(hidden(part) for part in path.relative_to(directory).parts) or not path.is_file():
+            continue
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    return images, others
+
+
+def load_images(
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    skipped: list[SkippedFile],
+    *,
+    root: Path,
+    where: Path,
+    image_size: Sequence[int] | int | None,
+    channels: int,
+    threads: int,
+) -> dict[str, Any]:
+    """`TensorImages` arguments for the files that decode; the others join the skipped list."""
+    decoded = decode_images(paths, image_size=image_size, channels=channels, threads=threads)
+    kept = [i for i, image in enumerate(decoded.images) if image is not None]
+    skipped = skipped + [
+        SkippedFile(relative_path(paths[i], root), decoded.errors[i]) for i in decoded.failed
+    ]
+    if not kept:
+        raise UserError(f"no readable images under {where} (skipped {len(skipped)} files)")
+    if skipped:
+        log.warning(
+            "skipped %d of %d files under %s (listed in skipped_files.csv), e.g. %s: %s",
+            len(skipped),
+            len(skipped) + len(kept),
+            where,
+            skipped[0].path,
+            skipped[0].reason,
+        )
+    kept_images = [image for image in decoded.images if image is not None]
+    return {
+        "images": torch.from_numpy(np.stack(kept_images)),
+        "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+        "sample_ids": [relative_path(paths[i], root) for i in kept],
+        "skipped": sorted(skipped, key=lambda entry: entry.path),
+    }
+
+
+def split_dir(root: Path, split: str) -> Path:
+    if not root.is_dir():
+        raise UserError(f"data.root {str(root)!r} is not a directory")
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        if split == "train":
+            raise UserError(
+                f"{root} has no train/ folder: a folder of class folders is evaluation data; to "
+                f"train, put images under {root}/train/<class>/ (and held-out ones under test/)"
+            )
+        return root  # no split folders: root holds the class folders, all of them evaluated
+    if split not in present:
+        raise UserError(f"no split {split!r} under {root}; found: {', '.join(present)}")
+    return root / split
+
+
+def hidden(entry: Path | str) -> bool:
+    return (entry.name if isinstance(entry, Path) else entry).startswith(".")
+
+
+def relative_path(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
