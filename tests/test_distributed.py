@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ from hydra import compose, initialize_config_dir
 
 from ml_infer.task import run_evaluation
 
-from .conftest import CONF, REPO, compose_config
+from .conftest import CONF, REPO, compose_config, free_port
 
 COMPARED = ("n", "accuracy", "macro_f1", "nll", "ece", "brier", "views", "models")
 # 360 test images in batches of 50: 8 batches, not divisible across 2 processes (4 x 2 x 50 = 400).
 UNEVEN = ["data.batch_size=50"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def torchrun(

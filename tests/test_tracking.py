@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ml_infer.task import run_evaluation
 
-from .conftest import compose_config, run_cli
+from .conftest import compose_config, free_port, run_cli
 
 SWEPT = ["standard", "tta", "ensemble"]
 
@@ -129,62 +123,6 @@ def test_sweep_into_embedded_sqlite_store(runs_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     with (out / "comparison.csv").open() as handle:
         assert sorted(row["strategy"] for row in csv.DictReader(handle)) == sorted(SWEPT)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port, sqlite backend, local artifact store."""
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    log_file = log_path.open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                log_file.close()
-                pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield uri
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    log_file.close()
 
 
 @pytest.mark.slow

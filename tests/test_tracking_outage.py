@@ -4,7 +4,6 @@ missed. Real stores only: sqlite files and a real `mlflow server` subprocess."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -12,17 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from ml_infer.outputs import MLFLOW_PENDING_FILE, MLFLOW_RUN_FILE, remove_stale_results
 from ml_infer.tracking import TrackingFailed, preflight
 
-from .conftest import REPO, run_cli
-from .test_tracking import SWEPT, client_for, free_port
+from .conftest import REPO, free_port, run_cli, start_server, stop_server
+from .test_tracking import SWEPT, client_for
 
 THIRD_PARTY_NOISE = ("Traceback", "[SQL:", "sqlalche.me", "alembic", "sqlalchemy.exc")
 
@@ -104,53 +101,6 @@ def test_a_corrupt_store_costs_one_warning_line(runs_dir, tmp_path):
     assert line.startswith("error: ") and uri in line and len(line) < 250
     assert line.endswith(": (sqlite3.DatabaseError) file is not a database")
     assert not any(noise in required.stdout + required.stderr for noise in THIRD_PARTY_NOISE)
-
-
-def start_server(port: int, store: Path, log: Any) -> subprocess.Popen:
-    """A real `mlflow server` on `port`, its sqlite backend and artifacts under `store`, its
-    output into the open file `log`."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{store / 'server.db'}",
-            "--artifacts-destination",
-            str(store / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return process
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop_server(process)
-                pytest.fail(f"mlflow server did not start: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
-
-
-def stop_server(process: subprocess.Popen, how: int = signal.SIGTERM) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, how)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @pytest.mark.slow
