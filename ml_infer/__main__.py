@@ -33,7 +33,6 @@ from ml_infer.outputs import (
 )
 from ml_infer.precheck import check_command_line
 from ml_infer.sweeplock import acquire_sweep_lock, release_sweep_lock
-from ml_infer.tracking import TrackingFailed
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +46,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     SIGTERM) leaves no result file in its run directory that could pass for a complete run.
     """
     # Imported here, not at the top: the name checks of main() answer before torch is imported.
-    from ml_infer.task import hydra_run_dir, run_evaluation
+    from ml_infer.task import NotLogged, hydra_run_dir, run_evaluation
 
     run_dir = hydra_run_dir()
     try:
         metrics = run_evaluation(cfg, run_dir)
     except BaseException as error:
         interrupted = received_interrupt()
-        if isinstance(error, TrackingFailed) and interrupted is None:
+        if isinstance(error, NotLogged) and interrupted is None:
             return _failed(error)  # the results are complete and written; only logging failed
         remove_stale_results(run_dir)
         if interrupted is not None:
@@ -147,35 +146,64 @@ def _close_process_group() -> None:
 
 def main() -> None:
     stop_on_signals()
-    multirun = any(arg in ("-m", "--multirun") for arg in sys.argv[1:])
     try:
-        output_dir = check_command_line(sys.argv[1:])
+        _main()
+    except Interrupted as interrupted:
+        sweep = {"-m", "--multirun"} & set(sys.argv[1:])
+        exit_interrupted(
+            interrupted,
+            "the sweep stopped; its finished runs keep their results, the interrupted one left none"
+            if sweep
+            else "the run stopped and left no results",
+        )
+
+
+def _main() -> None:
+    try:
+        command_line = check_command_line(sys.argv[1:])
     except UserError as error:
         exit_with(error)
     rank = process_rank()
-    lock, sweep_id = None, None
     if rank > 0:
         sys.argv += side_process_overrides(rank)
-    elif multirun and output_dir is not None:
-        # The sweep owns its directory from before its first job (its jobs, on any launcher,
-        # share it); the directory is pinned so that Hydra uses the one that was locked.
-        sys.argv.append(f"hydra.sweep.dir={quote_override_value(str(output_dir))}")
-        sweep_id = new_sweep_id()
-        try:
-            lock = acquire_sweep_lock(output_dir, sweep_id)
-        except UserError as error:
-            exit_with(error)
-        start_sweep(output_dir, sweep_id)
+        sweep_dir = None
+    elif command_line is not None and command_line.multirun:
+        sweep_dir = command_line.output_dir
+        if sweep_dir is None:
+            exit_with(
+                UserError(
+                    "ml_infer must know a sweep's directory before the sweep starts, and "
+                    "hydra.sweep.dir uses what only a running job can resolve; give it a path "
+                    "(interpolations of the config and ${now:...} are fine)"
+                )
+            )
+    else:
+        sweep_dir = None
+    if sweep_dir is None:
+        _run_hydra()
+        return
+    # The sweep owns its directory from before its first job to its end (its jobs, on any
+    # launcher, share it); the directory is pinned so that Hydra uses the one that was locked.
+    sys.argv.append(f"hydra.sweep.dir={quote_override_value(str(sweep_dir))}")
+    sweep_id = new_sweep_id()
+    try:
+        lock = acquire_sweep_lock(sweep_dir, sweep_id)
+    except UserError as error:
+        exit_with(error)
+    try:
+        start_sweep(sweep_dir, sweep_id)
+        _run_hydra()
+    finally:
+        release_sweep_lock(lock)
+    if failed_jobs(sweep_dir, sweep_id):
+        sys.exit(2)
+
+
+def _run_hydra() -> None:
     try:
         _hydra_entry()
-    except Interrupted as interrupted:
-        exit_interrupted(interrupted, "the run stopped and left no results")
     finally:
         _close_process_group()
-        if lock is not None:
-            release_sweep_lock(lock)
-    if output_dir is not None and sweep_id is not None and failed_jobs(output_dir, sweep_id):
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ def compute_standard(
         first.input_spec,
         device=runner.device,
         engine=engine,
+        member_names=[f"checkpoint {first.path}"],
     )
     result = runner.predict(
         standard,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -228,6 +228,10 @@ class UnlabelledImages(TensorImages):
         super().__init__(**loaded, classes=[])
 
 
+# What the evaluation reads of a data set besides its items (see TensorImages).
+_DATASET_API = ("classes", "sample_ids", "id_name", "skipped", "__len__", "__getitem__")
+
+
 def build_dataset(data_config: Any, split: str, **kwargs: Any) -> TensorImages:
     """The configured data set's `split`, fitted to a model's input (`image_size`, `channels`)."""
     from omegaconf import OmegaConf
@@ -237,11 +241,14 @@ def build_dataset(data_config: Any, split: str, **kwargs: Any) -> TensorImages:
     if needs_root and OmegaConf.is_missing(data_config, "root"):
         raise UserError(f"data={data_config.name} needs data.root=DIR, the folder of images")
     dataset = instantiate(data_config.dataset, split=split, **kwargs)
-    if not isinstance(dataset, TensorImages):
-        raise UserError(f"data.dataset built a {type(dataset).__name__}, not an ml_infer data set")
+    missing = [name for name in _DATASET_API if not hasattr(dataset, name)]
+    if missing:  # a data set of the user's own (data.dataset._target_) must say these things
+        raise UserError(
+            f"data.dataset built a {type(dataset).__name__}, which lacks {', '.join(missing)}"
+        )
     if len(dataset) == 0:
         raise UserError(f"data set {data_config.name!r} split {split!r} has no images")
-    return dataset
+    return cast(TensorImages, dataset)  # duck-typed: what TensorImages offers
 
 
 def make_loader(

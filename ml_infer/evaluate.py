@@ -34,7 +34,7 @@ from ml_infer.metrics import (
     paired_bootstrap_delta,
     speed_metrics,
 )
-from ml_infer.outputs import sweep_dir
+from ml_infer.outputs import current_sweep_id, sweep_dir
 from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import RUNNERS, DatasetPredictions, Runner, build_runner
 
@@ -91,10 +91,10 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     strategy = cfg.strategy
     if cfg.mode not in MODES:
         raise one_of("mode", cfg.mode, MODES)
-    if cfg.mode == "predict" and not cfg.predict.root:
-        raise UserError("mode=predict needs predict.root=DIR, a folder of images")
     if strategy.runner not in RUNNERS:
         raise one_of("strategy.runner", strategy.runner, RUNNERS)
+    if cfg.mode == "predict" and not cfg.predict.root:
+        raise UserError("mode=predict needs predict.root=DIR, a folder of images")
     views = build_views(cfg.tta.augmentations)
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
@@ -215,6 +215,7 @@ def _run_metrics(
         "checkpoint_format": members[0].format,
         "checkpoint_sha256": [member.sha256 for member in members],
         "host": platform.node(),
+        **({"sweep_id": sweep_id} if (sweep_id := current_sweep_id()) else {}),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,12 +54,21 @@ class InputSpec:
             raise UserError(f"input spec {dict(spec)} is malformed ({error!r})") from None
         if len(result.size) != 2 or min(result.size) < 1:
             raise UserError(f"input size must be [height, width] > 0, got {list(result.size)}")
+        if result.size[0] * result.size[1] > MAX_IMAGE_PIXELS:
+            # A file may ask for any size: every image would be resized to it.
+            raise UserError(
+                f"input size {list(result.size)} is more than {MAX_IMAGE_PIXELS} pixels an image"
+            )
         if result.channels not in (1, 3):
             raise UserError(f"input channels must be 1 or 3, got {result.channels}")
         if len(result.mean) != result.channels or len(result.std) != result.channels:
             raise UserError(
                 f"input mean {list(result.mean)} and std {list(result.std)} need one value per "
                 f"channel ({result.channels})"
+            )
+        if not all(math.isfinite(v) for v in result.mean + result.std):
+            raise UserError(
+                f"input mean {list(result.mean)} and std {list(result.std)} must be finite"
             )
         if min(result.std) <= 0:
             raise UserError(f"input std must be positive, got {list(result.std)}")

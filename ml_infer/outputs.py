@@ -106,10 +106,11 @@ def current_sweep_id() -> str | None:
 
 
 def write_job_error(job_dir: Path, error: Exception) -> None:
-    """A failed sweep job's error.txt: the message, then the sweep's id."""
+    """A failed sweep job's error.txt: the message (one line), then the sweep's id."""
     sweep_id = current_sweep_id()
+    message = " ".join(str(error).split())
     (job_dir / JOB_ERROR_FILE).write_text(
-        f"{error}\n" + (f"sweep {sweep_id}\n" if sweep_id else "")
+        f"{message}\n" + (f"sweep {sweep_id}\n" if sweep_id else "")
     )
 
 

@@ -8,6 +8,7 @@ that cannot be written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ def check_overrides(overrides: list[str]) -> None:
         names = [name for name in names if name]
         if key in NAMED_VALUE_KEYS:
             group, kind = NAMED_VALUE_KEYS[key]
+            if value == "null":  # tta.augmentations=null: no augmentation
+                continue
         elif (conf_dir() / key).is_dir() and "/" not in key and "." not in key:
             group, kind = key, key
             if value in ("null", ""):
@@ -52,45 +55,46 @@ def check_overrides(overrides: list[str]) -> None:
                 raise one_of(kind, name, valid)
 
 
-def check_command_line(argv: Sequence[str], config_name: str = "config") -> Path | None:
+# Hydra's options that only show something (help, the config, plugin info) and run no job.
+_SHOW_ONLY = frozenset(
+    {"-h", "--help", "--hydra-help", "--version", "-c", "--cfg", "-i", "--info"}
+    | {"-sc", "--shell-completion", "--resolve", "-p", "--package"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandLine:
+    """What a checked command line will run: a single run or a sweep, and where it writes (the
+    run directory, or the sweep directory; None where only Hydra's job can resolve it)."""
+
+    multirun: bool
+    output_dir: Path | None
+
+
+def check_command_line(argv: Sequence[str], config_name: str = "config") -> CommandLine | None:
     """Everything about a command line that can be judged before a run starts, each as a
     one-line UserError: unknown option names (without importing Hydra), then with Hydra's
     parser and config composition: overrides that do not parse, a comma in a single run,
     unknown or misspelt keys (with the closest valid key), and an output directory that cannot
-    be written. Hydra's own options (--help, --cfg, ...) are left to Hydra.
-
-    Returns the run's output directory (the sweep directory with -m) as Hydra will resolve it,
-    or None where only Hydra's job can resolve it or Hydra's own options were given.
+    be written. Returns None for Hydra's options that show something and run no job (--help,
+    --cfg, ...), and for its config-path options (-cp, -cn, -cd), whose configs these checks
+    do not see.
     """
-    flags = [arg for arg in argv if arg.startswith("-")]
+    flags = [arg.split("=", 1)[0] for arg in argv if arg.startswith("-")]
+    if set(flags) & _SHOW_ONLY:
+        return None
     if set(flags) - {"-m", "--multirun"}:
+        if {"-m", "--multirun"} & set(flags):
+            raise UserError(
+                f"a sweep (-m) with Hydra's option {sorted(set(flags) - {'-m', '--multirun'})[0]} "
+                "is not supported: ml_infer must know the sweep's directory before it starts; "
+                "put your config files in conf/ instead"
+            )
         return None
     overrides = [arg for arg in argv if not arg.startswith("-")]
     check_overrides(overrides)
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    parser = OverridesParser.create()
-    parsed = []
-    for line in overrides:
-        try:
-            parsed += parser.parse_overrides([line])
-        except HydraException as error:
-            lines = str(error).strip().splitlines()
-            reasons = [x for x in lines if not x.startswith(("See ", "Error parsing override"))]
-            reason = reasons[0] if reasons else lines[0]
-            raise UserError(f"cannot parse the override {line!r}: {brief(reason)}") from None
-    multirun = bool(flags)
-    if not multirun:
-        for override in parsed:
-            if override.is_sweep_override():
-                raise UserError(
-                    f"{override.input_line!r} is a sweep (several values); to sweep, add -m; "
-                    f"for one value that holds commas, quote it: {override.key_or_group}='...'"
-                )
+    parsed = _parse(overrides)
+    unexpanded: set[str] = set()  # groups swept by glob(): only Hydra's loader can list them
 
     def first_value(override: Any) -> str | None:
         if not override.is_sweep_override():
@@ -98,6 +102,7 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> Path
         try:
             value = next(iter(override.sweep_string_iterator()))
         except Exception:  # noqa: BLE001 - glob() sweeps need Hydra's loader: Hydra judges them
+            unexpanded.add(str(override.key_or_group))
             return None
         prefix = override.input_line.split("=", 1)[0]
         return f"{prefix}={value}"
@@ -107,34 +112,82 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> Path
         return "/" in key or (conf_dir() / key).is_dir()
 
     def composed(selected: list[Any]) -> Any:
-        lines = [line for line in map(first_value, selected) if line is not None]
-        try:
-            # job_name as Hydra names the job of `python -m ml_infer`, for ${hydra.job.name}
-            with initialize_config_dir(
-                config_dir=str(conf_dir()), version_base="1.3", job_name="__main__"
-            ):
-                return compose(config_name, overrides=lines, return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException, ValueError) as error:
-            raise UserError(f"the overrides do not compose: {brief(error)}") from None
+        values = [(override, first_value(override)) for override in selected]
+        lines = [  # keys under a group swept by glob() cannot be composed here
+            line
+            for override, line in values
+            if line is not None and override.key_or_group.split(".")[0] not in unexpanded
+        ]
+        return _compose(config_name, lines)
 
     groups_only = composed([o for o in parsed if is_group(o)])
     for override in parsed:
         if is_group(override) or override.is_add() or override.is_delete():
             continue
         line = str(override.input_line)
-        if line.startswith("++"):
+        if line.startswith("++") or override.key_or_group.split(".")[0] in unexpanded:
             continue
         _check_key(groups_only, override.key_or_group, line)
     cfg = composed(parsed)
-    run_dir = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    multirun = bool(flags) or str(cfg.hydra.mode).endswith("MULTIRUN")
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise UserError(
+            f"{sweeps[0].input_line!r} is a sweep (several values); to sweep, add -m; "
+            f"for one value that holds commas, quote it: {sweeps[0].key_or_group}='...'"
+        )
+    if multirun:  # Hydra resolves the sweep directory without the swept overrides
+        cfg = composed([o for o in parsed if not o.is_sweep_override()])
+    directory = _select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    if directory is not None:
+        check_writable(directory, "output directory")
+    return CommandLine(multirun, directory)
+
+
+def _parse(overrides: list[str]) -> list[Any]:
+    """Hydra's parse of each override; one that does not parse is a UserError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    parsed: list[Any] = []
+    for line in overrides:
+        try:
+            parsed += parser.parse_overrides([line])
+        except HydraException as error:
+            lines = str(error).strip().splitlines()
+            reasons = [x for x in lines if not x.startswith(("See ", "Error parsing override"))]
+            reason = reasons[0] if reasons else lines[0]
+            raise UserError(f"cannot parse the override {line!r}: {brief(reason)}") from None
+    return parsed
+
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
+    """The config Hydra would compose, with Hydra's own node (`return_hydra_config`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
-        directory = OmegaConf.select(cfg, run_dir)
-    except OmegaConfBaseException:  # an interpolation only Hydra's job start can resolve
+        # job_name as Hydra names the job of `python -m ml_infer`, for ${hydra.job.name}
+        with initialize_config_dir(
+            config_dir=str(conf_dir()), version_base="1.3", job_name="__main__"
+        ):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        raise UserError(f"the overrides do not compose: {brief(error)}") from None
+
+
+def _select(cfg: Any, key: str) -> Path | None:
+    """A directory setting resolved as Hydra will; None when only Hydra's job can resolve it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        value = OmegaConf.select(cfg, key)
+    except OmegaConfBaseException:
         return None
-    if not directory:
-        return None
-    check_writable(Path(str(directory)), "output directory")
-    return Path(str(directory))
+    return Path(str(value)) if value else None
 
 
 def _check_key(cfg: Any, key: str, override: str) -> None:

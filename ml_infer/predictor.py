@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -168,11 +168,12 @@ class Predictor:
         # Images whose logits held a NaN or an infinity, per model, counted on the device.
         self.nonfinite_images = torch.zeros(len(self.models), dtype=torch.int64, device=device)
 
-    def check_finite(self, n_images: int) -> None:
+    def check_finite(self, n_images: int, total: Callable[[Tensor], Tensor] | None = None) -> None:
         """A UserError when any model gave NaN or infinite outputs since the last check: such
         outputs would poison every merged probability and metric, so nothing is computed from
-        them. Resets the counts."""
-        counts = self.nonfinite_images.tolist()
+        them. `total` sums the counts of every process of a multi-process run. Resets the
+        counts."""
+        counts = (total(self.nonfinite_images) if total else self.nonfinite_images).tolist()
         self.nonfinite_images.zero_()
         bad = [(name, count) for name, count in zip(self.member_names, counts) if count]
         if not bad:

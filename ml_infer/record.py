@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from ml_infer.data import TensorImages
 from ml_infer.evaluate import Evaluation
 from ml_infer.folders import SkippedFile
-from ml_infer.outputs import atomic_write, current_sweep_id, remove_stale_results, write_json
+from ml_infer.outputs import atomic_write, remove_stale_results, write_json
 from ml_infer.plots import plot_confusion_matrix
 from ml_infer.runners import DatasetPredictions
 
@@ -92,11 +92,7 @@ def _rows_in_data_order(
 
 
 def write_run(evaluation: Evaluation, run_dir: Path) -> None:
-    """Every file of the run; a run directory reused for a new run first loses the old files.
-    The sweep's id, when the run is a sweep's job, is stamped into the metrics."""
-    sweep_id = current_sweep_id()
-    if sweep_id:
-        evaluation.metrics["sweep_id"] = sweep_id
+    """Every file of the run; a run directory reused for a new run first loses the old files."""
     remove_stale_results(run_dir)
     write_resolved_config(run_dir / "resolved_config.yaml", evaluation.config)
     write_skipped(run_dir / "skipped_files.csv", evaluation.dataset.skipped)

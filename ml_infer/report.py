@@ -115,8 +115,22 @@ def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return f"has {name}={value!r:.40}, not a number"
     checkpoints = metrics.get("checkpoint_sha256")
-    if checkpoints is not None and not isinstance(checkpoints, list):
-        return f"has checkpoint_sha256={checkpoints!r:.40}, not a list"
+    if checkpoints is not None and not (
+        isinstance(checkpoints, list) and all(isinstance(c, str) for c in checkpoints)
+    ):
+        return f"has checkpoint_sha256={checkpoints!r:.40}, not a list of digests"
+    for name in ("strategy", "data", "split", "tta_aggregation", "ensemble_aggregation"):
+        value = metrics.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"has {name}={value!r:.40}, not a name"
+    for low, high in (
+        ("accuracy_ci95_low", "accuracy_ci95_high"),
+        ("accuracy_delta_ci95_low", "accuracy_delta_ci95_high"),
+    ):
+        if (low in metrics) != (high in metrics):
+            return f"has one of {low} / {high} without the other"
+    if "accuracy_delta_vs_standard" in metrics and "accuracy_delta_ci95_low" not in metrics:
+        return "has accuracy_delta_vs_standard without its interval"
     return None
 
 

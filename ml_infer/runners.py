@@ -60,6 +60,7 @@ def predict_dataset(
     min_timing_s: float = 0.0,
     max_timing_passes: int = 50,
     agree: Callable[[int], int] | None = None,
+    total: Callable[[Tensor], Tensor] | None = None,
 ) -> DatasetPredictions:
     """Runs the predictor over every batch of `loader`, timing whole passes after a warm-up.
 
@@ -83,7 +84,8 @@ def predict_dataset(
     ]
     if not outputs:
         raise UserError("the data loader yielded no batches")
-    predictor.check_finite(sum(len(batch[1]) for batch in outputs))
+    # Counted over every process (`total`), so that all of them stop together, or none does.
+    predictor.check_finite(sum(len(batch[1]) for batch in outputs), total)
     repeats = 0
     if 0 < pass_seconds[0] < min_timing_s:
         repeats = min(math.ceil(min_timing_s / pass_seconds[0]) - 1, max_timing_passes - 1)
@@ -249,6 +251,7 @@ class SingleProcessRunner:
             n_batches=len(loader),
             min_timing_s=min_timing_s,
             agree=self.agree,
+            total=self.sum_over_processes,
         )
         # Every process times its own shard; the job is as fast as its slowest process.
         result.wall_seconds = self.max_over_processes(result.wall_seconds)
@@ -265,6 +268,9 @@ class SingleProcessRunner:
 
     def max_over_processes(self, value: float) -> float:
         return value
+
+    def sum_over_processes(self, counts: Tensor) -> Tensor:
+        return counts
 
 
 class AccelerateRunner(SingleProcessRunner):
@@ -306,3 +312,9 @@ class AccelerateRunner(SingleProcessRunner):
 
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(tensor, reduction="max").item())
+
+    def sum_over_processes(self, counts: Tensor) -> Tensor:
+        if self.num_processes == 1:
+            return counts
+        summed: Tensor = self.accelerator.reduce(counts.clone(), reduction="sum")
+        return summed

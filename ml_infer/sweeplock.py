@@ -90,15 +90,19 @@ def acquire_sweep_lock(sweep_dir: Path, sweep_id: str, purpose: str = "sweep") -
 def release_sweep_lock(path: Path) -> bool:
     """Removes the lock file if this process holds it (same pid, host and sweep); True if so."""
     path = path.resolve()
-    owner = _held_locks.pop(path, None)
+    owner = _held_locks.get(path)
     if owner is None:
         return False
     with _directory_guard(path.parent):
         holder = _read_lock(path)
-        if holder is None or any(holder.get(k) != owner[k] for k in ("pid", "host", "sweep_id")):
-            return False
-        path.unlink(missing_ok=True)
-    return True
+        ours = holder is not None and all(
+            holder.get(k) == owner[k] for k in ("pid", "host", "sweep_id")
+        )
+        if ours:
+            path.unlink(missing_ok=True)
+    # Forgotten only once it is gone: a signal before this leaves it to the atexit hook.
+    _held_locks.pop(path, None)
+    return ours
 
 
 def release_all_sweep_locks() -> None:

@@ -15,7 +15,11 @@ from omegaconf import DictConfig
 from ml_infer.errors import UserError
 from ml_infer.evaluate import evaluate
 from ml_infer.record import write_run
-from ml_infer.tracking import log_evaluation, preflight
+from ml_infer.tracking import TrackingFailed, log_evaluation, preflight
+
+
+class NotLogged(UserError):
+    """The run's files are complete and written; logging them (tracking.required) failed."""
 
 
 def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dict[str, Any]:
@@ -29,7 +33,10 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
     if evaluation is None:
         return {}
     write_run(evaluation, run_dir)
-    log_evaluation(cfg, evaluation.metrics, run_dir)
+    try:
+        log_evaluation(cfg, evaluation.metrics, run_dir)
+    except TrackingFailed as error:
+        raise NotLogged(str(error)) from None
     return evaluation.metrics
 
 

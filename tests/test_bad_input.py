@@ -442,6 +442,9 @@ class Scenarios:
             "tracking=mlflow", f"tracking.uri=sqlite:///{store}", "tracking.required=true"
         )
 
+    def sweep_with_a_config_path_option(self) -> Case:
+        return self.evaluate("-m", "-cd", "elsewhere", "strategy=tta,ensemble")
+
     def second_sweep_into_a_directory_in_use(self) -> Case:
         sweep_dir = self.tmp / "sweep"
         first_err = (self.tmp / "first_sweep.err").open("w")

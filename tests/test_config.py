@@ -104,3 +104,39 @@ def test_predict_runs_are_left_out_of_the_comparison(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
     assert [r["run"] for r in collect_runs(tmp_path)] == ["0_standard"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "multirun"),
+    [
+        (["hydra.mode=MULTIRUN", "strategy=standard,tta", "tracking=none"], True),
+        (["-m", "model=glob(small*)", "model.width=64"], True),
+        (["tta.augmentations=null"], False),
+        (["+foo=1", "~predict"], False),
+    ],
+    ids=["hydra-mode-multirun", "glob-group-sweep", "no-augmentations", "add-and-delete"],
+)
+def test_valid_command_lines_pass_and_say_whether_they_sweep(argv, multirun, tmp_path):
+    from ml_infer.precheck import check_command_line
+
+    checked = check_command_line([*argv, f"hydra.run.dir={tmp_path}/run"])
+    assert checked is not None and checked.multirun is multirun
+
+
+def test_the_sweep_directory_is_resolved_without_the_swept_values(tmp_path):
+    """As Hydra does: `${strategy.name}` in hydra.sweep.dir is the default strategy's name, not
+    that of the first value swept."""
+    from ml_infer.precheck import check_command_line
+
+    checked = check_command_line(
+        ["-m", f"hydra.sweep.dir={tmp_path}/${{strategy.name}}", "strategy=tta,ensemble"]
+    )
+    assert checked is not None and checked.output_dir == tmp_path / "standard"
+
+
+def test_hydra_options_that_show_something_skip_the_checks_and_config_paths_refuse_a_sweep():
+    from ml_infer.precheck import check_command_line
+
+    assert check_command_line(["--cfg", "job", "stratgy=x"]) is None
+    with pytest.raises(UserError, match="a sweep \\(-m\\) with Hydra's option -cd"):
+        check_command_line(["-m", "-cd", "elsewhere", "strategy=tta"])

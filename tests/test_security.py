@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,10 +235,61 @@ def test_a_torchvision_name_must_be_a_torchvision_classifier(fold_paths, tmp_pat
         load_classifier(path)
 
 
-def test_no_module_of_the_package_resolves_or_instantiates_file_contents():
-    """The readers of user files hand nothing to OmegaConf or Hydra (a guard against regressions:
-    the readers are checkpoints.py and report.py)."""
-    for name in ("checkpoints.py", "models.py", "report.py"):
-        source = (REPO / "ml_infer" / name).read_text()
-        assert "OmegaConf.load" not in source, name
-        assert "hydra_instantiate" not in source, name
+# The modules that read files a user was handed (and the loader that builds a checkpoint's model).
+FILE_READERS = (
+    "checkpoints.py",
+    "models.py",
+    "bank.py",
+    "filedata.py",
+    "inputs.py",
+    "folders.py",
+    "outputs.py",
+    "sweeplock.py",
+    "report.py",
+    "tracking/runs.py",
+    "tracking/sweep.py",
+    "tracking/sync.py",
+    "tracking/store.py",
+)
+
+
+@pytest.mark.parametrize("module", FILE_READERS)
+def test_no_reader_of_user_files_can_resolve_or_instantiate(module):
+    """A regression guard beside the live payloads: the readers of user files use neither
+    OmegaConf's loaders and resolvers nor Hydra's instantiate. (bank.py instantiates only the
+    user's own `model=` config, through config.instantiate, never a checkpoint's.)"""
+    import ast
+
+    tree = ast.parse((REPO / "ml_infer" / module).read_text())
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    attributes = {ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith(("hydra", "omegaconf"))
+        for alias in node.names
+    }
+    assert "OmegaConf" not in names | imported, module
+    assert not {a for a in attributes if a.startswith("OmegaConf.")}, module
+    assert "instantiate" not in imported, module
+    if module != "bank.py":
+        assert "instantiate" not in names, module
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"size": [100000, 100000]}, "input size [100000, 100000] is more than 89478485 pixels"),
+        ({"mean": [float("nan")]}, "input mean [nan] and std [0.3758"),
+    ],
+)
+def test_a_checkpoints_input_spec_is_bounded(spec, message, fold_paths, tmp_path):
+    """Every image is resized to the size a checkpoint asks for: a huge one is refused."""
+    contents, _ = read_checkpoint(fold_paths[0])
+    contents = dict(contents)
+    contents["input"] = {**contents["input"], **spec}
+    path = tmp_path / "huge_input.pt"
+    torch.save(contents, path)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_classifier(path)

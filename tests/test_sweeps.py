@@ -294,3 +294,31 @@ def test_python_m_ml_infer_report_on_a_sweep_with_unreadable_runs(hand_made_swee
     assert "| x=${oc.env:HOME} strategy=tta | tta |" in table
     assert os.environ["HOME"] not in table
     assert table.count("\n") == 2 + 4
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"data": ["x"]}, "has data=['x'], not a name"),
+        (
+            {"checkpoint_sha256": [{"a": 1}]},
+            "has checkpoint_sha256=[{'a': 1}], not a list of digests",
+        ),
+        ({"accuracy_ci95_high": None}, "accuracy_ci95_low / accuracy_ci95_high without the other"),
+        (
+            {"accuracy_delta_vs_standard": 0.01},
+            "has accuracy_delta_vs_standard without its interval",
+        ),
+    ],
+)
+def test_metrics_of_the_wrong_shape_are_skipped_not_a_traceback(change, why, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    make_run(sweep, "0_standard", hand_made_metrics("standard", 0.98, 1000.0), None)
+    metrics = hand_made_metrics("tta", 0.99, 100.0) | change
+    if change.get("accuracy_ci95_high", 0) is None:
+        metrics = {k: v for k, v in metrics.items() if k != "accuracy_ci95_high"}
+        metrics["accuracy_ci95_low"] = 0.9
+    make_run(sweep, "1_tta", metrics, None)
+    rows = collect_runs(sweep)
+    assert [row["strategy"] for row in rows] == ["standard"]
+    assert why in capsys.readouterr().err

@@ -152,6 +152,9 @@ def test_unreachable_store_warns_and_keeps_local_results(runs_dir, tmp_path):
 def test_required_tracking_fails_before_any_work(runs_dir, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # a reused run directory: an earlier run's results must not stay behind
+    (run_dir / "metrics.json").write_text('{"accuracy": 0.5}')
+    (run_dir / "predictions.csv").write_text("index,label,pred\n")
     result = run_cli(
         [
             "ml_infer",

@@ -164,7 +164,9 @@ def _sync_locked(
     return result
 
 
-def _in_store(tracking: TrackingSettings, action: str, function: Callable[..., Any], *args: Any):
+def _in_store(
+    tracking: TrackingSettings, action: str, function: Callable[..., Any], *args: Any
+) -> Any:
     """A step of --sync that only talks to the store: its failure is one short TrackingFailed."""
     try:
         return function(*args)
@@ -186,7 +188,7 @@ def _run_exists(client: Any, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_run(run_id).info.lifecycle_stage == "active"
+        return bool(client.get_run(run_id).info.lifecycle_stage == "active")
     except MlflowException:
         return False
 
