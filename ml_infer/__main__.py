@@ -20,6 +20,7 @@ from ml_infer.errors import (
     brief,
     exit_interrupted,
     exit_with,
+    raise_if_interrupted,
     received_interrupt,
     stop_on_signals,
 )
@@ -50,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = hydra_run_dir()
     try:
+        raise_if_interrupted()  # a signal swallowed between two jobs of a sweep
         metrics = run_evaluation(cfg, run_dir)
     except BaseException as error:
         interrupted = received_interrupt()
@@ -204,6 +206,7 @@ def _run_hydra() -> None:
         _hydra_entry()
     finally:
         _close_process_group()
+    raise_if_interrupted()  # a signal whose exception Python had to swallow
 
 
 if __name__ == "__main__":

@@ -71,13 +71,19 @@ def received_interrupt() -> Interrupted | None:
     return Interrupted(_received[0]) if _received else None
 
 
+def raise_if_interrupted() -> None:
+    """Raises the Interrupted a signal asked for, if one arrived: the handler's own raise can be
+    swallowed where Python cannot propagate it (a finaliser, `__del__`, running when the signal
+    came), so long loops and the entry point check again."""
+    interrupted = received_interrupt()
+    if interrupted is not None:
+        raise interrupted
+
+
 def stop_on_signals() -> None:
-    """SIGINT and SIGTERM raise `Interrupted` in the main thread, once: a second signal during
-    the cleanup that the first one started is ignored, so that cleanup finishes."""
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread (each time one arrives)."""
 
     def handler(signal_number: int, frame: FrameType | None) -> None:
-        for name in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(name, signal.SIG_IGN)
         _received.append(signal_number)
         raise Interrupted(signal_number)
 

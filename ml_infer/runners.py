@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.data import make_loader
 from ml_infer.device import resolve_device, synchronize
-from ml_infer.errors import UserError, one_of
+from ml_infer.errors import UserError, one_of, raise_if_interrupted
 from ml_infer.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ def _timed_pass(
     synchronize(device)
     pass_start = time.perf_counter()
     for images, batch_labels, batch_positions in bar:
+        raise_if_interrupted()
         batch_start = time.perf_counter()
         merged = predictor(images)
         synchronize(device)
