@@ -194,3 +194,32 @@ class Views:
         if len(self.augmentations) == 1:
             return images.unsqueeze(0)
         return torch.cat([aug(images) for aug in self.augmentations], dim=0)
+
+    def subset(self, names: Sequence[str]) -> ViewSubset:
+        """Only the views `names` (in that order), made by the augmentations that make them."""
+        return ViewSubset(self, names)
+
+
+class ViewSubset(Views):
+    """Some of a `Views`' views: what the prediction store still lacks.
+
+    >>> subset = Views([HorizontalFlip(), Brightness()]).subset(["brightness_1.1", "identity"])
+    >>> subset.names, subset(torch.zeros(5, 3, 4, 4)).shape
+    (('brightness_1.1', 'identity'), torch.Size([2, 5, 3, 4, 4]))
+    """
+
+    def __init__(self, views: Views, names: Sequence[str]) -> None:
+        unknown = sorted(set(names) - set(views.names))
+        if unknown:
+            raise UserError(f"views {unknown} are not among {list(views.names)}")
+        self.augmentations = [
+            aug for aug in views.augmentations if set(aug.view_names) & set(names)
+        ]
+        made = [name for aug in self.augmentations for name in aug.view_names]
+        self.names = tuple(names)
+        self._positions = torch.tensor([made.index(name) for name in names])
+        self._all_made = len(made) == len(names) and list(made) == list(names)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        views = torch.cat([aug(images) for aug in self.augmentations], dim=0)
+        return views if self._all_made else views.index_select(0, self._positions)

@@ -10,33 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig
+from torch import Tensor
 
 from ml_infer.aggregate import Aggregator
+from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
-from ml_infer.bank import Classifier, expand_checkpoint_paths, load_ensemble
-from ml_infer.baseline import BaselineCache, correct_by_position, standard_baseline
+from ml_infer.bank import expand_checkpoint_paths, load_ensemble
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
 from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
 from ml_infer.inputs import InputSpec
-from ml_infer.metrics import (
-    classification_metrics,
-    mcnemar_p_value,
-    paired_bootstrap_delta,
-    speed_metrics,
-)
-from ml_infer.outputs import current_sweep_id, sweep_dir
+from ml_infer.outputs import sweep_dir
+from ml_infer.passes import DatasetPredictions
 from ml_infer.predictor import EngineSettings, Predictor
-from ml_infer.runners import RUNNERS, DatasetPredictions, Runner, build_runner
+from ml_infer.runners import RUNNERS, build_runner
+from ml_infer.score import member_and_view_scores, run_metrics, scores
+from ml_infer.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,8 @@ class Evaluation:
     mode: str
     config: DictConfig
     title: str
+    uncertainty: dict[str, Tensor]  # per image: entropy, mutual_information, disagreement
+    baseline_preds: Tensor | None  # standard's predicted class of each image (labelled data)
 
 
 def build_views(augmentations: Sequence[Any]) -> Views:
@@ -140,96 +139,76 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         runner.device,
         len(dataset),
     )
-    result = runner.predict(
-        predictor,
-        dataset,
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        warmup_batches=cfg.engine.warmup_batches,
-        progress=cfg.engine.progress,
-        min_timing_s=cfg.engine.min_timing_s,
+    loader = runner.loader(
+        dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers
     )
-    baseline_correct = None
-    if cfg.mode == "evaluate":
-        shared_dir = sweep_dir()
-        cache = BaselineCache(shared_dir / "baselines") if shared_dir else None
-        baseline_correct = standard_baseline(
-            cfg, engine, predictor, members, dataset, runner, result, cache
-        )
-    if not runner.is_main_process:
-        return None
+    store = open_store(cfg.engine.store, sweep_dir(), cfg.engine.store_dtype)
+    assembled = assemble(
+        predictor,
+        StoreKeys.of(predictor, members, dataset),
+        store,
+        runner,
+        loader,
+        progress=cfg.engine.progress,
+        with_baseline=cfg.mode == "evaluate",
+    )
+    merged = predictor.merge(assembled.logits) if assembled.logits is not None else None
+    # Checked on every process (the main one's counts), so that they stop together or not at all.
+    predictor.check_finite(len(dataset), lambda counts: torch.tensor(runner.agree(counts.tolist())))
+    is_standard = predictor.forward_passes_per_image == 1 and predictor.autocast_dtype is None
+    standard = None if is_standard else predictor.restricted([0], ["identity"], autocast_dtype=None)
+    timing = runner.time(
+        predictor,
+        standard,
+        loader,
+        warmup_batches=cfg.engine.warmup_batches,
+        min_timing_s=cfg.engine.min_timing_s,
+        timing_batches=cfg.engine.timing_batches,
+    )
+    if merged is None or assembled.logits is None:
+        return None  # a helper process of a multi-process run: it took part in the passes
 
-    metrics = _run_metrics(cfg, predictor, views, members, runner, dataset, result)
+    result = DatasetPredictions(
+        probs=merged.probs,
+        preds=merged.preds,
+        labels=dataset.labels,
+        positions=torch.arange(len(dataset)),
+        wall_seconds=timing.wall_seconds,
+        batch_seconds=timing.batch_seconds,
+        pass_seconds=timing.pass_seconds,
+        peak_memory_mb=timing.peak_memory_mb,
+        peak_memory_kind=timing.peak_memory_kind,
+    )
+    metrics = run_metrics(cfg, predictor, members, runner, dataset, timing)
+    metrics["forward_passes_computed"] = assembled.passes_computed
+    metrics["store"] = str(getattr(store, "directory", "off"))
+    uncertainty_columns = uncertainty(assembled.logits, merged)
+    baseline_preds = None
     if cfg.mode == "predict":
         predicted = result.preds.bincount(minlength=len(classes)).tolist()
         metrics["predicted_counts"] = dict(zip(classes, predicted))
         metrics["mean_confidence"] = float(result.probs.max(dim=1).values.mean())
         title = f"{strategy.name} on {cfg.predict.root}"
     else:
-        metrics |= _scores(cfg, result, baseline_correct)
+        assert assembled.baseline_logits is not None
+        baseline_preds = assembled.baseline_logits.argmax(dim=-1)
+        metrics |= scores(cfg.seed, result, baseline_preds == result.labels)
+        metrics |= member_and_view_scores(predictor, assembled.logits, result.labels, members)
         title = (
             f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
             f"on {cfg.data.name}/{cfg.data.split}"
         )
-    return Evaluation(metrics, result, dataset, list(classes), cfg.mode, cfg, title)
-
-
-def _run_metrics(
-    cfg: DictConfig,
-    predictor: Predictor,
-    views: Views,
-    members: Sequence[Classifier],
-    runner: Runner,
-    dataset: TensorImages,
-    result: DatasetPredictions,
-) -> dict[str, Any]:
-    """Speed, and how the run was made: what every metrics.json holds, in either mode."""
-    strategy = cfg.strategy
-    return {
-        "strategy": strategy.name,
-        "mode": cfg.mode,
-        "n": len(result.labels),
-        **speed_metrics(len(result.labels), result.wall_seconds, result.batch_seconds),
-        "timed_passes": len(result.pass_seconds),
-        "forward_passes_per_image": predictor.forward_passes_per_image,
-        "peak_mem_mb": result.peak_memory_mb,
-        "peak_mem_kind": result.peak_memory_kind,
-        "views": len(views),
-        "models": len(members),
-        "view_names": list(views.names),
-        "tta_aggregation": _name_of(cfg.tta.aggregation),
-        "ensemble_aggregation": _name_of(cfg.ensemble.aggregation),
-        "ensemble_weights": None
-        if cfg.ensemble.get("weights") is None
-        else list(cfg.ensemble.weights),
-        "precision": predictor.precision_name,
-        "runner": strategy.runner,
-        "processes": runner.num_processes,
-        "device": str(runner.device),
-        "torch_threads": torch.get_num_threads(),
-        "data": cfg.data.name if cfg.mode == "evaluate" else "folder",
-        "split": cfg.data.split if cfg.mode == "evaluate" else str(cfg.predict.root),
-        "skipped_files": len(dataset.skipped),
-        "weights": sorted({member.weights for member in members}),
-        "checkpoints": [str(member.path) for member in members],
-        "checkpoint_format": members[0].format,
-        "checkpoint_sha256": [member.sha256 for member in members],
-        "host": platform.node(),
-        **({"sweep_id": sweep_id} if (sweep_id := current_sweep_id()) else {}),
-    }
-
-
-def _scores(cfg: DictConfig, result: DatasetPredictions, baseline_correct: Any) -> dict[str, Any]:
-    """Accuracy, calibration, and the paired comparison with the standard baseline."""
-    correct = correct_by_position(result)
-    delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=cfg.seed)
-    return {
-        **classification_metrics(result.probs, result.preds, result.labels),
-        "accuracy_delta_vs_standard": delta,
-        "accuracy_delta_ci95_low": delta_low,
-        "accuracy_delta_ci95_high": delta_high,
-        "mcnemar_p_vs_standard": mcnemar_p_value(correct, baseline_correct),
-    }
+    return Evaluation(
+        metrics,
+        result,
+        dataset,
+        list(classes),
+        cfg.mode,
+        cfg,
+        title,
+        uncertainty_columns,
+        baseline_preds,
+    )
 
 
 def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:
@@ -265,9 +244,3 @@ def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]
             f"checkpoint {list(model_classes)}"
         )
     raise UserError(f"the data's classes differ from the checkpoint's ({detail})")
-
-
-def _name_of(entry: Any) -> str:
-    if isinstance(entry, (Mapping, DictConfig)):
-        return str(entry.get("_target_"))
-    return str(entry)

@@ -153,3 +153,49 @@ def mcnemar_p_value(correct: Tensor, baseline_correct: Tensor) -> float:
     if only_baseline + only_this == 0:
         return 1.0
     return float(binomtest(min(only_baseline, only_this), only_baseline + only_this, 0.5).pvalue)
+
+
+def risk_coverage(probs: Tensor, preds: Tensor, labels: Tensor) -> Tensor:
+    """Selective risk at each coverage k/N, k = 1..N: the error rate among the k images the
+    strategy is most confident of (confidence: its merged probability of its predicted class).
+
+    >>> risk_coverage(torch.tensor([[0.9, 0.1], [0.6, 0.4]]), torch.tensor([0, 0]),
+    ...               torch.tensor([0, 1])).tolist()
+    [0.0, 0.5]
+    """
+    confidence = probs.gather(1, preds.view(-1, 1)).squeeze(1)
+    errors = (preds != labels).to(torch.float64)[confidence.argsort(descending=True)]
+    return errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)
+
+
+def aurc(risks: Tensor) -> float:
+    """Area under the risk-coverage curve: the trapezoid rule over coverages 1/N..1, scaled to
+    a unit support, as torch-uncertainty computes it (Geifman & El-Yaniv 2017). Lower is better.
+
+    >>> aurc(torch.tensor([0.0, 0.5]))
+    0.25
+    """
+    n = len(risks)
+    if n < 2:
+        return math.nan
+    return float(torch.trapezoid(risks, dx=1.0 / n) / (1 - 1 / n))
+
+
+def coverage_at_risk(risks: Tensor, threshold: float) -> float:
+    """The largest coverage whose selective risk is at most `threshold` (0 when none is).
+
+    >>> coverage_at_risk(torch.tensor([0.0, 0.0, 1 / 3, 0.25]), 0.3)
+    1.0
+    """
+    admissible = torch.nonzero(risks <= threshold + 1e-12).flatten()
+    return 0.0 if admissible.numel() == 0 else float(admissible[-1] + 1) / len(risks)
+
+
+def selective_metrics(probs: Tensor, preds: Tensor, labels: Tensor) -> dict[str, float]:
+    """AURC and the coverage at 1% and 5% risk, ranking images by their confidence."""
+    risks = risk_coverage(probs, preds, labels)
+    return {
+        "aurc": aurc(risks),
+        "coverage_at_risk_1pct": coverage_at_risk(risks, 0.01),
+        "coverage_at_risk_5pct": coverage_at_risk(risks, 0.05),
+    }

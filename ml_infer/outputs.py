@@ -42,6 +42,7 @@ RESULT_FILES = (
     "resolved_config.yaml",
     "predictions.csv",
     "confusion_matrix.png",
+    "fixed_broken.png",
     "metrics.json",
     MLFLOW_RUN_FILE,
     MLFLOW_PENDING_FILE,

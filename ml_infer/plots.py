@@ -160,3 +160,71 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_fixed_broken(
+    images: Any,
+    labels: Sequence[int],
+    preds: Sequence[int],
+    baseline_preds: Sequence[int],
+    classes: Sequence[str],
+    sample_ids: Sequence[Any],
+    path: Path,
+    title: str,
+    per_group: int = 12,
+) -> None:
+    """The images a strategy fixed (standard wrong, it right) and broke (the reverse), each
+    titled with its id, label and both predictions; at most `per_group` of each."""
+    import numpy as np
+
+    plt = _pyplot()
+    fixed = [i for i in range(len(labels)) if preds[i] == labels[i] != baseline_preds[i]]
+    broken = [i for i in range(len(labels)) if baseline_preds[i] == labels[i] != preds[i]]
+    groups = [("fixed", fixed[:per_group]), ("broken", broken[:per_group])]
+    columns = 6
+    rows = [max(1, math.ceil(len(shown) / columns)) for _, shown in groups]
+    figure, axes_grid = plt.subplots(
+        sum(rows), columns, figsize=(2.0 * columns, 2.3 * sum(rows) + 0.8), squeeze=False
+    )
+    for axes in axes_grid.flat:
+        axes.axis("off")
+    row = 0
+    for (name, shown), height in zip(groups, rows):
+        if not shown:
+            axes_grid[row][0].text(0, 0.5, f"{name}: none", fontsize=10)
+        for slot, index in enumerate(shown):
+            axes = axes_grid[row + slot // columns][slot % columns]
+            pixels = np.asarray(images[index], dtype=np.float32).transpose(1, 2, 0)
+            axes.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray")
+            axes.set_title(
+                f"{name} {str(sample_ids[index])[-18:]}\nlabel {classes[labels[index]]}\n"
+                f"standard {classes[baseline_preds[index]]} -> {classes[preds[index]]}",
+                fontsize=7,
+                color="tab:green" if name == "fixed" else "tab:red",
+            )
+        row += height
+    figure.suptitle(f"{title}\nfixed {len(fixed)}, broken {len(broken)}", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def plot_risk_coverage(curves: dict[str, tuple[list[float], float]], path: Path) -> None:
+    """Selective risk against coverage, one line per run (lower is better; its AURC in the key):
+    how many errors a strategy makes on the images it is most confident of."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for label, (risks, area) in curves.items():
+        coverage = [(k + 1) / len(risks) for k in range(len(risks))]
+        axes.plot(coverage, risks, label=f"{label[:40]} (AURC {area:.4f})", linewidth=1.2)
+    axes.set_xlabel("coverage (share of images kept, most confident first)")
+    axes.set_ylabel("selective risk (error rate among the images kept)")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(bottom=0)
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="upper left")
+    axes.set_title(f"Risk-coverage of {len(curves)} runs (max-probability ranking)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

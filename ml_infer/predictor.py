@@ -20,6 +20,7 @@ Nothing outside this module knows how views and models are batched.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ml_infer.aggregate import Aggregator, Predictions
+from ml_infer.aggregate import Aggregator, Predictions, SoftVoting
 from ml_infer.augment import Views
 from ml_infer.errors import UserError
 from ml_infer.inputs import InputSpec
@@ -211,6 +212,11 @@ class Predictor:
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Predictions:
         """Merged prediction for a batch [B, C, H, W] of [0, 1] images."""
+        return self.merge(self.logits(images))
+
+    @torch.inference_mode()
+    def logits(self, images: Tensor) -> Tensor:
+        """Every model's logits under every view of a batch: [M, K, B, C], float32."""
         images = images.to(self.device, non_blocking=True)
         n_views = len(self.views)
         logits: list[list[Tensor]] = [[] for _ in self.models]  # per model: [K, s, C] per slice
@@ -221,13 +227,18 @@ class Predictor:
                     # Normalised just before each forward, while the chunk is in cache.
                     slice_logits = torch.cat([model(self.model_input(chunk)) for chunk in chunks])
                     model_logits.append(slice_logits.view(n_views, len(image_slice), -1))
-        per_model = []
-        for index, model_logits in enumerate(logits):
-            all_logits = torch.cat(model_logits, dim=1).float()  # [K, B, C]
-            nonfinite = ~torch.isfinite(all_logits).all(dim=-1).all(dim=0)  # [B]
-            self.nonfinite_images[index] += nonfinite.sum()
-            probs = all_logits.softmax(dim=-1)
-            per_model.append(self.view_aggregator(Predictions.from_probs(probs)))
+        return torch.stack([torch.cat(per_model, dim=1).float() for per_model in logits])
+
+    def merge(self, logits: Tensor) -> Predictions:
+        """Logits [M, K, B, C] -> one prediction per image: softmax, the view aggregator over
+        each model's views, then the model aggregator. Images whose logits hold a NaN or an
+        infinity are counted per model (`check_finite`)."""
+        nonfinite = ~torch.isfinite(logits).all(dim=-1).all(dim=1)  # [M, B]
+        self.nonfinite_images += nonfinite.sum(dim=1).to(self.nonfinite_images.device)
+        per_model = [
+            self.view_aggregator(Predictions.from_probs(model_logits.softmax(dim=-1)))
+            for model_logits in logits
+        ]
         members = Predictions(
             torch.stack([p.probs for p in per_model]), torch.stack([p.preds for p in per_model])
         )
@@ -236,3 +247,26 @@ class Predictor:
     def model_input(self, images: Tensor) -> Tensor:
         """Normalised images in the models' memory layout."""
         return self.input_spec.normalise(images).contiguous(memory_format=self.memory_format)
+
+    def restricted(
+        self,
+        members: Sequence[int],
+        view_names: Sequence[str],
+        *,
+        autocast_dtype: torch.dtype | str | None = "same",
+    ) -> Predictor:
+        """The same prepared models (already folded and laid out), only `members` under only
+        `view_names`, merged by plain means: what the store lacks, or `standard` for timing."""
+
+        restricted = copy.copy(self)
+        restricted.models = [self.models[index] for index in members]
+        restricted.member_names = [self.member_names[index] for index in members]
+        restricted.views = self.views.subset(view_names)
+        restricted.view_aggregator = SoftVoting()
+        restricted.model_aggregator = SoftVoting()
+        if autocast_dtype != "same":
+            restricted.autocast_dtype = autocast_dtype  # type: ignore[assignment]
+        restricted.nonfinite_images = torch.zeros(
+            len(members), dtype=torch.int64, device=self.device
+        )
+        return restricted

@@ -27,11 +27,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ml_infer.config import process_rank, run_label
+from ml_infer.config import process_rank
 from ml_infer.errors import UserError
-from ml_infer.filedata import read_json_object
-from ml_infer.outputs import atomic_write, failed_jobs, job_order, read_overrides, sweep_id_of
-from ml_infer.plots import plot_pareto
+from ml_infer.outputs import atomic_write, failed_jobs, sweep_id_of
+from ml_infer.plots import plot_pareto, plot_risk_coverage
+from ml_infer.store import DiskStore
+from ml_infer.sweepdir import read_runs, risk_curves, skip
 from ml_infer.tracking import runs_of_experiment, sync_sweep
 
 TABLE_COLUMNS = (
@@ -48,99 +49,12 @@ TABLE_COLUMNS = (
     ("nll", "{:.4f}"),
     ("ece", "{:.4f}"),
     ("images_per_s", "{:.0f}"),
+    ("fixed/broken", "{}"),
+    ("aurc", "{:.4f}"),
     ("relative_cost", "{:.2f}x"),
+    ("relative_cost_iqr", "{:.2f}"),
     ("forward_passes_per_image", "{}"),
 )
-
-
-def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Every scored run's metrics under `sweep_dir`, in job order, labelled by its overrides.
-
-    Runs without an accuracy (`mode=predict`) have nothing to compare and are left out, and so
-    are runs of an earlier sweep into the same directory (another sweep id than the last one).
-    A run directory whose metrics.json cannot be read or is not a run's metrics is skipped
-    with one line on stderr naming it and why.
-    """
-    sweep_id = sweep_id_of(Path(sweep_dir))
-    rows = []
-    paths = sorted(Path(sweep_dir).glob("*/metrics.json"), key=lambda p: job_order(p.parent))
-    for metrics_path in paths:
-        run_dir = metrics_path.parent
-        try:
-            metrics = read_json_object(metrics_path)
-        except (OSError, ValueError) as error:
-            _skip(run_dir, str(error) if isinstance(error, ValueError) else _os_reason(error))
-            continue
-        if "accuracy" not in metrics or (sweep_id and metrics.get("sweep_id") != sweep_id):
-            continue
-        problem = metrics_shape_problem(metrics)
-        if problem:
-            _skip(run_dir, f"metrics.json {problem}")
-            continue
-        metrics["run"] = _run_label(run_dir)
-        metrics["run_dir"] = str(run_dir)
-        rows.append(metrics)
-    return add_derived_columns(rows)
-
-
-# Fields of metrics.json that the table, the CSV and the plot compute with.
-_NUMERIC_FIELDS = (
-    "accuracy",
-    "accuracy_ci95_low",
-    "accuracy_ci95_high",
-    "accuracy_delta_vs_standard",
-    "accuracy_delta_ci95_low",
-    "accuracy_delta_ci95_high",
-    "mcnemar_p_vs_standard",
-    "macro_f1",
-    "nll",
-    "ece",
-    "images_per_s",
-    "forward_passes_per_image",
-    "views",
-    "models",
-)
-
-
-def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
-    """What is wrong with a run's metrics for the comparison, or None.
-
-    >>> metrics_shape_problem({"accuracy": 0.9, "checkpoint_sha256": ["a"]}) is None
-    True
-    >>> metrics_shape_problem({"accuracy": "0.9"})
-    "has accuracy='0.9', not a number"
-    """
-    for name in _NUMERIC_FIELDS:
-        value = metrics.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            return f"has {name}={value!r:.40}, not a number"
-    checkpoints = metrics.get("checkpoint_sha256")
-    if checkpoints is not None and not (
-        isinstance(checkpoints, list) and all(isinstance(c, str) for c in checkpoints)
-    ):
-        return f"has checkpoint_sha256={checkpoints!r:.40}, not a list of digests"
-    for name in ("strategy", "data", "split", "tta_aggregation", "ensemble_aggregation"):
-        value = metrics.get(name)
-        if value is not None and not isinstance(value, str):
-            return f"has {name}={value!r:.40}, not a name"
-    for low, high in (
-        ("accuracy_ci95_low", "accuracy_ci95_high"),
-        ("accuracy_delta_ci95_low", "accuracy_delta_ci95_high"),
-    ):
-        if (low in metrics) != (high in metrics):
-            return f"has one of {low} / {high} without the other"
-    if "accuracy_delta_vs_standard" in metrics and "accuracy_delta_ci95_low" not in metrics:
-        return "has accuracy_delta_vs_standard without its interval"
-    return None
-
-
-def _skip(run_dir: Path, why: str) -> None:
-    print(f"warning: skipping run {run_dir}: {why}", file=sys.stderr, flush=True)
-
-
-def _os_reason(error: OSError) -> str:
-    name = Path(error.filename).name if error.filename else "a file"
-    return f"cannot read {name} ({error.strerror or error})"
 
 
 def collect_mlflow_runs(experiment: str, tracking_uri: str) -> list[dict[str, Any]]:
@@ -155,8 +69,10 @@ def baseline_key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`aggregation`, interval strings, and `relative_cost`: the images/s of the standard run
-    with the same data, split and first checkpoint over this run's (NaN when there is none)."""
+    """`aggregation`, interval strings, fixed/broken, and `relative_cost`: as each run measured
+    it in its own process (strategy and standard timed side by side), or, for runs that did not
+    (older runs), the images/s of the standard run with the same data, split and first
+    checkpoint over this run's (NaN when there is none)."""
     standard_speed: dict[tuple[Any, ...], float] = {}
     for row in rows:
         if row.get("strategy") == "standard" and row.get("images_per_s"):
@@ -175,6 +91,11 @@ def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"[{row['accuracy_delta_ci95_low']:+.4f}, {row['accuracy_delta_ci95_high']:+.4f}]"
             )
         row["McNemar p"] = row.get("mcnemar_p_vs_standard")
+        if "flips_fixed" in row:
+            row["fixed/broken"] = f"+{row['flips_fixed']}/-{row.get('flips_broken', 0)}"
+        measured = row.get("relative_cost")
+        if isinstance(measured, (int, float)) and not math.isnan(measured):
+            continue
         baseline_speed = standard_speed.get(baseline_key(row))
         if baseline_speed and row.get("images_per_s"):
             row["relative_cost"] = baseline_speed / row["images_per_s"]
@@ -195,6 +116,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
             cells.append("-" if missing else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every scored run of the sweep's last sweep under `sweep_dir`, in job order, labelled by
+    its overrides, with the comparison's columns (see `sweepdir.read_runs`)."""
+    return add_derived_columns(read_runs(sweep_dir))
 
 
 def write_comparison(
@@ -221,14 +148,30 @@ def write_comparison(
         writer.writeheader()
         writer.writerows(rows)
     plot_pareto(rows, out_dir / "pareto.png")
+    curves = risk_curves(rows)
+    if curves:
+        plot_risk_coverage(curves, out_dir / "risk_coverage.png")
     return rows
 
 
-def _run_label(run_dir: Path) -> str:
-    """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), or
-    the directory's name when it has none or they cannot be read."""
-    overrides = read_overrides(run_dir)
-    return (run_label(overrides) if overrides else "") or run_dir.name
+def sweep_cost_line(rows: Sequence[dict[str, Any]]) -> str | None:
+    """What the prediction store saved the sweep: forward passes computed for predictions (per
+    image, all runs) against those the runs use, and the store's size on disk."""
+    computed = [
+        value for row in rows if isinstance(value := row.get("forward_passes_computed"), int)
+    ]
+    if len(computed) != len(rows):
+        return None
+    used = sum(int(row.get("forward_passes_per_image", 0)) for row in rows)
+    stores = {str(row["store"]) for row in rows if row.get("store") not in (None, "off")}
+    size = sum(DiskStore(Path(directory)).size_bytes() for directory in stores)
+    where = (
+        f"; the store holds {size / 2**20:.1f} MB in {', '.join(sorted(stores))}" if stores else ""
+    )
+    return (
+        f"forward passes computed for predictions: {sum(computed)} per image over the sweep, "
+        f"for {used} that its runs use{where}"
+    )
 
 
 class SweepReport(Callback):
@@ -243,6 +186,9 @@ class SweepReport(Callback):
         if rows:
             print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
             print(markdown_table(rows), flush=True)
+            cost = sweep_cost_line(rows)
+            if cost:
+                print(f"\n{cost}", flush=True)
         for job_dir, message in failed_jobs(sweep_dir, sweep_id_of(sweep_dir)):
             print(f"error: run {job_dir.name} failed: {message}", file=sys.stderr, flush=True)
 
@@ -261,7 +207,7 @@ def sync(sweep_dir: Path, tracking_uri: str | None) -> int:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     for run_dir, why in result.skipped:
-        _skip(run_dir, why)
+        skip(run_dir, why)
     for run_dir, why in result.failed:
         print(f"error: run {run_dir.name} could not be logged: {why}", file=sys.stderr)
     if result.uri is None:

@@ -135,7 +135,7 @@ def test_timing_repeats_whole_passes_and_keeps_one_set_of_outputs(fold_paths):
     import statistics
 
     from ml_infer.data import make_loader
-    from ml_infer.runners import predict_dataset
+    from ml_infer.passes import predict_dataset
 
     predictor = predictor_for([load_classifier(fold_paths[0])], SoftVoting())
     loader = make_loader(DigitsDataset(split="test"), batch_size=100)

@@ -51,7 +51,15 @@ def test_strategy_runs_end_to_end(strategy, runs_dir, fold_paths, tmp_path):
     with (tmp_path / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == metrics["n"] == 360
-    assert list(rows[0]) == ["index", "label", "pred", *(f"prob_{c}" for c in range(10))]
+    assert list(rows[0]) == [
+        "index",
+        "label",
+        "pred",
+        *(f"prob_{c}" for c in range(10)),
+        "entropy",
+        "mutual_information",
+        "disagreement",
+    ]
     assert len({row["index"] for row in rows}) == len(rows)
     accuracy = sum(row["label"] == row["pred"] for row in rows) / len(rows)
     assert accuracy == pytest.approx(metrics["accuracy"], abs=1e-6)

@@ -127,7 +127,13 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 # Files of a run directory that its MLflow run carries.
-RUN_ARTIFACTS = ("metrics.json", "predictions.csv", "resolved_config.yaml", "confusion_matrix.png")
+RUN_ARTIFACTS = (
+    "metrics.json",
+    "predictions.csv",
+    "resolved_config.yaml",
+    "confusion_matrix.png",
+    "fixed_broken.png",
+)
 
 
 @dataclass

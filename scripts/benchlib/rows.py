@@ -22,7 +22,7 @@ from ml_infer.augment import Views
 from ml_infer.data import TensorImages, make_loader
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.predictor import EngineSettings, Predictor
-from ml_infer.runners import predict_dataset
+from ml_infer.passes import predict_dataset
 
 from .references import (
     seed_style_tta,

@@ -1,0 +1,149 @@
+"""A sweep directory's runs read back as data: each run's metrics.json (json), its label from
+`.hydra/overrides.yaml` (yaml.safe_load: a `${...}` in it stays text), and its per-image
+predictions for the risk-coverage curves. A run whose files cannot be read, or do not hold what
+a run writes, is skipped with one line on stderr saying why.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ml_infer.config import run_label
+from ml_infer.filedata import read_json_object
+from ml_infer.metrics import aurc, risk_coverage
+from ml_infer.outputs import job_order, read_overrides, sweep_id_of
+
+
+def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every scored run's metrics under `sweep_dir`, in job order, labelled by its overrides.
+
+    Runs without an accuracy (`mode=predict`) have nothing to compare and are left out, and so
+    are runs of an earlier sweep into the same directory (another sweep id than the last one).
+    A run directory whose metrics.json cannot be read or is not a run's metrics is skipped
+    with one line on stderr naming it and why.
+    """
+    sweep_id = sweep_id_of(Path(sweep_dir))
+    rows = []
+    paths = sorted(Path(sweep_dir).glob("*/metrics.json"), key=lambda p: job_order(p.parent))
+    for metrics_path in paths:
+        run_dir = metrics_path.parent
+        try:
+            metrics = read_json_object(metrics_path)
+        except (OSError, ValueError) as error:
+            skip(run_dir, str(error) if isinstance(error, ValueError) else _os_reason(error))
+            continue
+        if "accuracy" not in metrics or (sweep_id and metrics.get("sweep_id") != sweep_id):
+            continue
+        problem = metrics_shape_problem(metrics)
+        if problem:
+            skip(run_dir, f"metrics.json {problem}")
+            continue
+        metrics["run"] = _run_label(run_dir)
+        metrics["run_dir"] = str(run_dir)
+        rows.append(metrics)
+    return rows
+
+
+# Fields of metrics.json that the table, the CSV and the plot compute with.
+_NUMERIC_FIELDS = (
+    "accuracy",
+    "accuracy_ci95_low",
+    "accuracy_ci95_high",
+    "accuracy_delta_vs_standard",
+    "accuracy_delta_ci95_low",
+    "accuracy_delta_ci95_high",
+    "mcnemar_p_vs_standard",
+    "macro_f1",
+    "nll",
+    "ece",
+    "images_per_s",
+    "forward_passes_per_image",
+    "views",
+    "models",
+    "relative_cost",
+    "relative_cost_iqr",
+    "flips_fixed",
+    "flips_broken",
+    "forward_passes_computed",
+    "aurc",
+)
+
+
+def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
+    """What is wrong with a run's metrics for the comparison, or None.
+
+    >>> metrics_shape_problem({"accuracy": 0.9, "checkpoint_sha256": ["a"]}) is None
+    True
+    >>> metrics_shape_problem({"accuracy": "0.9"})
+    "has accuracy='0.9', not a number"
+    """
+    for name in _NUMERIC_FIELDS:
+        value = metrics.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"has {name}={value!r:.40}, not a number"
+    checkpoints = metrics.get("checkpoint_sha256")
+    if checkpoints is not None and not (
+        isinstance(checkpoints, list) and all(isinstance(c, str) for c in checkpoints)
+    ):
+        return f"has checkpoint_sha256={checkpoints!r:.40}, not a list of digests"
+    for name in ("strategy", "data", "split", "tta_aggregation", "ensemble_aggregation"):
+        value = metrics.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"has {name}={value!r:.40}, not a name"
+    for low, high in (
+        ("accuracy_ci95_low", "accuracy_ci95_high"),
+        ("accuracy_delta_ci95_low", "accuracy_delta_ci95_high"),
+    ):
+        if (low in metrics) != (high in metrics):
+            return f"has one of {low} / {high} without the other"
+    if "accuracy_delta_vs_standard" in metrics and "accuracy_delta_ci95_low" not in metrics:
+        return "has accuracy_delta_vs_standard without its interval"
+    return None
+
+
+def skip(run_dir: Path, why: str) -> None:
+    print(f"warning: skipping run {run_dir}: {why}", file=sys.stderr, flush=True)
+
+
+def _os_reason(error: OSError) -> str:
+    name = Path(error.filename).name if error.filename else "a file"
+    return f"cannot read {name} ({error.strerror or error})"
+
+
+def _run_label(run_dir: Path) -> str:
+    """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), or
+    the directory's name when it has none or they cannot be read."""
+    overrides = read_overrides(run_dir)
+    return (run_label(overrides) if overrides else "") or run_dir.name
+
+
+def risk_curves(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], float]]:
+    """Per run (by its label): the selective risk at each coverage k/N, from its
+    predictions.csv (confidence: the probability of the predicted class), and its AURC. Runs
+    whose predictions cannot be read are left out."""
+
+    curves: dict[str, tuple[list[float], float]] = {}
+    for row in rows:
+        path = Path(str(row.get("run_dir", ""))) / "predictions.csv"
+        try:
+            with path.open(newline="") as handle:
+                records = list(csv.DictReader(handle))
+            confidence = [float(r[f"prob_{r['pred']}"]) for r in records]
+            correct = [r["label"] == r["pred"] for r in records]
+        except (OSError, KeyError, ValueError, csv.Error):
+            continue
+        if len(records) < 2:
+            continue
+        probs = torch.tensor(confidence, dtype=torch.float64).view(-1, 1)
+        risks = risk_coverage(
+            probs,
+            torch.zeros(len(records), dtype=torch.long),
+            torch.tensor([0 if c else 1 for c in correct]),
+        )
+        curves[str(row.get("run", path.parent.name))] = (risks.tolist(), aurc(risks))
+    return curves
