@@ -141,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.3,
         help="brightness/contrast jitter strength (default: 0.3)",
     )
+    parser.add_argument(
+        "--test-patches",
+        type=int,
+        default=PATCHES_PER_CLASS["test"],
+        help="test patches per class (default: %(default)s; e.g. 1667 for a 10,000-image test "
+        "split, cut from the same test band of each photograph)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing data set")
     args = parser.parse_args(argv)
     try:
@@ -150,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             jitter_strength=args.jitter,
             overwrite=args.overwrite,
+            patches_per_class=PATCHES_PER_CLASS | {"test": args.test_patches},
         )
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)

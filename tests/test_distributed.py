@@ -111,6 +111,7 @@ def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != ".hydra") == [
         "__main__.log",
         "confusion_matrix.png",
+        "fixed_broken.png",
         "metrics.json",
         "mlflow_run.json",
         "predictions.csv",

@@ -150,7 +150,7 @@ def test_two_sweeps_started_at_once_into_one_directory(runs_dir, tmp_path):
 
     # The directory holds the winner's sweep only, under one sweep id.
     sweep_id = (sweep_dir / ".sweep_id").read_text().strip()
-    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "baselines")
+    runs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != "store")
     assert runs == ["0_standard", "1_ensemble"]
     assert {json.loads((sweep_dir / r / "metrics.json").read_text())["sweep_id"] for r in runs} == {
         sweep_id

@@ -105,8 +105,11 @@ def test_sweep_into_embedded_sqlite_store(runs_dir, tmp_path):
     _, sweep_dir = sweep(tmp_path, runs_dir, uri)
     check_sweep_was_tracked(uri, sweep_dir)
     check_report_matches_runs(sweep_dir)
-    # The standard baseline was computed once (by the standard run) and reused by the others.
-    assert len(list((sweep_dir / "baselines").glob("standard_*.json"))) == 1
+    # The standard baseline (first fold, identity view, fp32) was computed once, by the standard
+    # run, and served to the others from the sweep's prediction store with every other output.
+    metrics_of = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert [m["forward_passes_computed"] for m in metrics_of] == [1, 9, 2]
+    assert len(list((sweep_dir / "store").rglob("*.npy"))) == 12
     metrics = {
         s: json.loads((sweep_dir / f"{i}_{s}" / "metrics.json").read_text())
         for i, s in enumerate(SWEPT)
