@@ -2,7 +2,8 @@
 """What the prediction store saves a sweep, measured side by side on this machine.
 
     python scripts/bench_store.py                                   # digits, compare_all
-    python scripts/bench_store.py data=textures data.root=datasets/textures10k runs_dir=runs/textures
+    python scripts/bench_store.py data=textures data.root=datasets/textures10k \
+        runs_dir=runs/textures
 
 Runs the same sweep (default `+experiment=compare_all`) three times in turn: with
 `engine.store=off`, with a fresh shared store, and again with that store; prints each one's wall
