@@ -257,3 +257,19 @@ def test_metrics_hold_the_new_figures(runs_dir, tmp_path):
     assert (tmp_path / "run" / "fixed_broken.png").stat().st_size > 1000
     entropy = [float(row[-3]) for row in rows]
     assert all(0 <= value <= math.log(10) + 1e-6 for value in entropy)
+
+
+@pytest.mark.slow
+def test_a_float16_store_halves_the_entries_and_keeps_the_predictions(runs_dir, tmp_path):
+    import numpy as np
+
+    full, full_rows = evaluated(runs_dir, tmp_path / "a", "strategy=tta", "engine.store=off")
+    store = tmp_path / "half"
+    options = ("strategy=tta", f"engine.store={store}", "engine.store_dtype=float16")
+    evaluated(runs_dir, tmp_path / "b", *options)
+    served, served_rows = evaluated(runs_dir, tmp_path / "c", *options)
+    assert served["forward_passes_computed"] == 0
+    entries = sorted(store.rglob("*.npy"))
+    assert len(entries) == 10 and all(np.load(e).dtype == np.float16 for e in entries)
+    agree = sum(a[2] == b[2] for a, b in zip(served_rows, full_rows)) / len(full_rows)
+    assert agree >= 0.99 and served["accuracy"] == pytest.approx(full["accuracy"], abs=0.01)

@@ -119,11 +119,32 @@ def git_state() -> tuple[str | None, bool]:
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        key: float(value)
-        for key, value in metrics.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
-    }
+    """The numbers of metrics.json as MLflow metrics; a mapping of numbers (per_view_accuracy,
+    per_member_accuracy) as one metric per entry, e.g. `per_view_accuracy.horizontal_flip`.
+
+    >>> numeric_metrics({"accuracy": 0.9, "ok": True, "per_view_accuracy": {"identity": 0.9}})
+    {'accuracy': 0.9, 'per_view_accuracy.identity': 0.9}
+    """
+    found: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            for name, number in value.items():
+                if isinstance(number, (int, float)) and not isinstance(number, bool):
+                    found[f"{key}.{_metric_name(str(name))}"] = float(number)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[key] = float(value)
+    return found
+
+
+def _metric_name(name: str) -> str:
+    """A checkpoint path or view name as an MLflow metric key (letters, digits, _ - . / only).
+
+    >>> _metric_name("runs/digits/fold_0/weights/best.pt")
+    'runs/digits/fold_0/weights/best.pt'
+    >>> _metric_name("my fold (1).pt")
+    'my_fold__1_.pt'
+    """
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
 
 
 # Files of a run directory that its MLflow run carries.
