@@ -102,7 +102,12 @@ def assemble(
     baseline = (0, IDENTITY, "fp32")
     if with_baseline and baseline not in wanted:
         wanted.append(baseline)
-    missing = [pair for pair in wanted if store.get(keys.key(*pair)) is None]
+    # The main process reads the store; the others learn from it what to compute with it.
+    missing = (
+        [pair for pair in wanted if store.get(keys.key(*pair)) is None]
+        if runner.is_main_process
+        else []
+    )
     missing = runner.agree(missing) if runner.num_processes > 1 else missing
     for group_members, group_views, group_precision in _groups(missing):
         autocast = predictor.autocast_dtype if group_precision == precision else None

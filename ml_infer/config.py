@@ -79,7 +79,14 @@ def instantiate_named(group: str, entry: Any, kind: str, **kwargs: Any) -> Any:
 
 
 # Overrides shared by every run of a sweep, or only about where things go: not part of a label.
-_UNLABELLED_OVERRIDES = ("hydra", "tracking", "runs_dir", "experiment=", "engine.progress")
+_UNLABELLED_OVERRIDES = (
+    "hydra",
+    "tracking",
+    "runs_dir",
+    "experiment=",
+    "engine.progress",
+    "engine.store",
+)
 
 
 def run_label(overrides: list[str]) -> str:

@@ -174,36 +174,40 @@ def plot_fixed_broken(
     per_group: int = 12,
 ) -> None:
     """The images a strategy fixed (standard wrong, it right) and broke (the reverse), each
-    titled with its id, label and both predictions; at most `per_group` of each."""
+    captioned with its id, label and both predictions; at most `per_group` of each. Drawn as
+    one montage (one image, not a subplot per image: a sweep draws one per run)."""
     import numpy as np
 
     plt = _pyplot()
     fixed = [i for i in range(len(labels)) if preds[i] == labels[i] != baseline_preds[i]]
     broken = [i for i in range(len(labels)) if baseline_preds[i] == labels[i] != preds[i]]
-    groups = [("fixed", fixed[:per_group]), ("broken", broken[:per_group])]
+    shown = [("fixed", i) for i in fixed[:per_group]] + [("broken", i) for i in broken[:per_group]]
     columns = 6
-    rows = [max(1, math.ceil(len(shown) / columns)) for _, shown in groups]
-    figure, axes_grid = plt.subplots(
-        sum(rows), columns, figsize=(2.0 * columns, 2.3 * sum(rows) + 0.8), squeeze=False
-    )
-    for axes in axes_grid.flat:
-        axes.axis("off")
-    row = 0
-    for (name, shown), height in zip(groups, rows):
-        if not shown:
-            axes_grid[row][0].text(0, 0.5, f"{name}: none", fontsize=10)
-        for slot, index in enumerate(shown):
-            axes = axes_grid[row + slot // columns][slot % columns]
-            pixels = np.asarray(images[index], dtype=np.float32).transpose(1, 2, 0)
-            axes.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray")
-            axes.set_title(
-                f"{name} {str(sample_ids[index])[-18:]}\nlabel {classes[labels[index]]}\n"
-                f"standard {classes[baseline_preds[index]]} -> {classes[preds[index]]}",
-                fontsize=7,
-                color="tab:green" if name == "fixed" else "tab:red",
-            )
-        row += height
-    figure.suptitle(f"{title}\nfixed {len(fixed)}, broken {len(broken)}", fontsize=9)
+    rows = max(1, math.ceil(len(shown) / columns))
+    tiles = [np.asarray(images[i], dtype=np.float32).transpose(1, 2, 0) for _, i in shown]
+    height, width, channels = tiles[0].shape if tiles else (8, 8, 1)
+    gap, caption = max(1, height // 8), height  # a caption's three lines need a tile's height
+    step = height + caption
+    montage = np.ones((step * rows, (width + gap) * columns, channels), np.float32)
+    for slot, tile in enumerate(tiles):
+        top, left = (slot // columns) * step + caption, (slot % columns) * (width + gap)
+        montage[top : top + height, left : left + width] = tile
+    figure, axes = plt.subplots(figsize=(2.1 * columns, 3.2 * rows + 0.8))
+    axes.imshow(montage.squeeze(-1) if channels == 1 else montage, cmap="gray", vmin=0, vmax=1)
+    axes.axis("off")
+    for slot, (name, index) in enumerate(shown):
+        axes.text(
+            (slot % columns) * (width + gap) + width / 2,
+            (slot // columns) * step + caption * 0.95,
+            f"{name} {Path(str(sample_ids[index])).name[-16:]}\nlabel {classes[labels[index]]}\n"
+            f"standard {classes[baseline_preds[index]]} -> {classes[preds[index]]}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="tab:green" if name == "fixed" else "tab:red",
+        )
+    summary = f"fixed {len(fixed)}, broken {len(broken)}" + ("" if shown else " (nothing to show)")
+    figure.suptitle(f"{title}\n{summary}", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
@@ -214,13 +218,23 @@ def plot_risk_coverage(curves: dict[str, tuple[list[float], float]], path: Path)
     """Selective risk against coverage, one line per run (lower is better; its AURC in the key):
     how many errors a strategy makes on the images it is most confident of."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(9, 6))
-    for label, (risks, area) in curves.items():
+    figure, axes = plt.subplots(figsize=(10, 6.5))
+    colours = plt.get_cmap("tab20").colors
+    ranked = sorted(curves.items(), key=lambda item: item[1][1])  # best AURC first in the key
+    for index, (label, (risks, area)) in enumerate(ranked):
         coverage = [(k + 1) / len(risks) for k in range(len(risks))]
-        axes.plot(coverage, risks, label=f"{label[:40]} (AURC {area:.4f})", linewidth=1.2)
+        axes.plot(
+            coverage,
+            risks,
+            label=f"{label[:40]} (AURC {area:.4f})",
+            linewidth=1.3,
+            color=colours[index % len(colours)],
+            linestyle=("-", "--", ":")[index // len(colours) % 3],
+        )
     axes.set_xlabel("coverage (share of images kept, most confident first)")
-    axes.set_ylabel("selective risk (error rate among the images kept)")
+    axes.set_ylabel("selective risk (error rate among the images kept; linear below 1%)")
     axes.set_xlim(0, 1)
+    axes.set_yscale("symlog", linthresh=0.01)
     axes.set_ylim(bottom=0)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7, loc="upper left")
