@@ -120,6 +120,9 @@ def paired_bootstrap_delta(
 
     Samples are resampled with replacement (the same indices for both), `n_resamples` times with
     a fixed seed; the interval is the 2.5th and 97.5th percentile of the resampled differences.
+    A resample's difference depends only on how many images it draws that this run fixed (+1)
+    and broke (-1), so each resample is drawn as those counts, from a multinomial over the
+    three kinds of image: the same distribution as drawing N indices, in O(resamples).
 
     >>> a, b = torch.tensor([1, 1, 1, 0]), torch.tensor([1, 0, 1, 0])
     >>> delta, low, high = paired_bootstrap_delta(a, b)
@@ -127,9 +130,11 @@ def paired_bootstrap_delta(
     (0.25, True)
     """
     difference = correct.double() - baseline_correct.double()
-    generator = torch.Generator().manual_seed(seed)
     n = len(difference)
-    resampled = difference[torch.randint(n, (n_resamples, n), generator=generator)].mean(dim=1)
+    fixed, broken = int((difference > 0).sum()), int((difference < 0).sum())
+    shares = np.array([fixed, broken, n - fixed - broken], dtype=np.float64) / n
+    counts = np.random.default_rng(seed).multinomial(n, shares, size=n_resamples)
+    resampled = torch.from_numpy((counts[:, 0] - counts[:, 1]) / n)
     low, high = torch.quantile(
         resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)
     ).tolist()
