@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,12 @@ def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
     """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
     images: list[Path] = []
     others: list[Path] = []
-    for path in sorted(directory.rglob("*")):
-        if any(hidden(part) for part in path.relative_to(directory).parts) or not path.is_file():
-            continue
+    found = []
+    # os.walk reads each folder once (scandir); hidden folders are not entered at all.
+    for folder, subfolders, files in os.walk(directory):
+        subfolders[:] = [name for name in subfolders if not hidden(name)]
+        found += [Path(folder, name) for name in files if not hidden(name)]
+    for path in sorted(found):
         (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
     return images, others
 
