@@ -95,6 +95,7 @@ def summary(metrics: dict[str, Any]) -> str:
                 f"({m['skipped_files']} files skipped): {m['views']} view(s) x {m['models']} "
                 f"model(s), {m['precision']} on {m['device']}",
                 f"  predicted: {counts}; mean confidence {m['mean_confidence']:.3f}",
+                *posthoc_lines(m),
                 speed,
             ]
         )
@@ -110,9 +111,34 @@ def summary(metrics: dict[str, Any]) -> str:
             f"  vs standard: accuracy {m['accuracy_delta_vs_standard']:+.4f} (95% CI "
             f"{m['accuracy_delta_ci95_low']:+.4f} to {m['accuracy_delta_ci95_high']:+.4f}), "
             f"McNemar p = {m['mcnemar_p_vs_standard']:.3g}",
+            *posthoc_lines(m),
             speed,
         ]
     )
+
+
+def posthoc_lines(m: dict[str, Any]) -> list[str]:
+    """Calibration and conformal sets, when the run fitted them."""
+    lines = []
+    if m.get("calibration_method", "none") != "none":
+        fit = ", ".join(f"{k} {v:.3g}" for k, v in list(m["calibration_fit"].items())[:4])
+        line = f"  {m['calibration_method']} scaling ({m['calibration_stage']}; {fit}) "
+        line += f"fitted on {m['calibration_n']} images ({m['calibration_split']})"
+        if "ece_calibrated" in m:
+            line += (
+                f": NLL {m['nll_calibrated']:.4f}  ECE {m['ece_calibrated']:.4f}  "
+                f"Brier {m['brier_calibrated']:.4f}"
+            )
+        lines.append(line)
+    if "conformal_method" in m:
+        line = (
+            f"  {m['conformal_method'].upper()} sets at alpha {m['conformal_alpha']}: "
+            f"mean size {m['mean_set_size']:.2f}"
+        )
+        if "coverage" in m:
+            line += f", coverage {m['coverage']:.3f}"
+        lines.append(line)
+    return lines
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")

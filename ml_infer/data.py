@@ -100,6 +100,19 @@ class TensorImages(Dataset[tuple[Tensor, Tensor, int]]):
         index = torch.as_tensor(positions)
         return self.pixels(index), self.labels[index], index
 
+    def subset(self, positions: Sequence[int]) -> TensorImages:
+        """The images at `positions`, as a data set of their own (same ids, classes, skipped)."""
+        index = torch.as_tensor(list(positions), dtype=torch.long)
+        part = TensorImages(
+            self.images[index],
+            self.labels[index],
+            [self.sample_ids[i] for i in index.tolist()],
+            self.classes,
+            self.skipped,
+        )
+        part.id_name = self.id_name
+        return part
+
 
 class DigitsDataset(TensorImages):
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, bundled with the package).

@@ -22,6 +22,7 @@ from ml_infer.aggregate import Aggregator
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
 from ml_infer.bank import expand_checkpoint_paths, load_ensemble
+from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
 from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
@@ -30,6 +31,7 @@ from ml_infer.errors import UserError, one_of
 from ml_infer.inputs import InputSpec
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
+from ml_infer.posthoc import PostHoc, fit_and_apply
 from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import RUNNERS, build_runner
 from ml_infer.score import member_and_view_scores, run_metrics, scores
@@ -54,6 +56,8 @@ class Evaluation:
     title: str
     uncertainty: dict[str, Tensor]  # per image: entropy, mutual_information, disagreement
     baseline_preds: Tensor | None  # standard's predicted class of each image (labelled data)
+    posthoc: PostHoc | None = None  # calibrated predictions and conformal sets, when asked for
+    calibration_ids: list[Any] | None = None  # the images they were fitted on
 
 
 def build_views(augmentations: Sequence[Any]) -> Views:
@@ -106,6 +110,10 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
     input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
     dataset = _load_data(cfg, input_spec)
+    split: CalibrationSplit | None = None
+    if needs_calibration_split(cfg):
+        split = calibration_split(cfg, dataset, _fit_of(input_spec))
+        dataset = split.scored
     members = load_ensemble(
         checkpoints,
         use_ema=cfg.use_ema,
@@ -117,6 +125,8 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     classes = members[0].classes
     if cfg.mode == "evaluate":
         check_same_classes(dataset.classes, classes)
+    if split is not None:
+        check_same_classes(split.calibration.classes, classes)
     engine = EngineSettings.from_config(cfg.engine)
     predictor = Predictor(
         [member.model for member in members],
@@ -152,6 +162,21 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         progress=cfg.engine.progress,
         with_baseline=cfg.mode == "evaluate",
     )
+    calibration_logits = None
+    if split is not None:  # the calibration split's outputs, from the store like the scored ones
+        calibration_logits = assemble(
+            predictor,
+            StoreKeys.of(predictor, members, split.calibration),
+            store,
+            runner,
+            runner.loader(
+                split.calibration,
+                batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.num_workers,
+            ),
+            progress=cfg.engine.progress,
+            with_baseline=False,
+        )
     merged = predictor.merge(assembled.logits) if assembled.logits is not None else None
     # Checked on every process (the main one's counts), so that they stop together or not at all.
     predictor.check_finite(len(dataset), lambda counts: torch.tensor(runner.agree(counts.tolist())))
@@ -181,6 +206,8 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     )
     metrics = run_metrics(cfg, predictor, members, runner, dataset, timing)
     metrics["forward_passes_computed"] = assembled.passes_computed
+    if calibration_logits is not None:  # passes over the calibration split's images
+        metrics["calibration_passes_computed"] = calibration_logits.passes_computed
     metrics["store"] = str(getattr(store, "directory", "off"))
     uncertainty_columns = uncertainty(assembled.logits, merged)
     baseline_preds = None
@@ -198,6 +225,19 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
             f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
             f"on {cfg.data.name}/{cfg.data.split}"
         )
+    posthoc = None
+    if split is not None:
+        assert calibration_logits is not None and calibration_logits.logits is not None
+        posthoc = fit_and_apply(
+            cfg,
+            predictor,
+            calibration_logits.logits,
+            split.calibration.labels,
+            assembled.logits,
+            merged,
+            result.labels if cfg.mode == "evaluate" else None,
+        )
+        metrics |= {"calibration_split": split.source} | posthoc.metrics
     return Evaluation(
         metrics,
         result,
@@ -208,6 +248,8 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         title,
         uncertainty_columns,
         baseline_preds,
+        posthoc,
+        None if split is None else list(split.calibration.sample_ids),
     )
 
 
@@ -224,9 +266,13 @@ def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:
     )
 
 
+def _fit_of(input_spec: InputSpec) -> dict[str, Any]:
+    return {"image_size": list(input_spec.size), "channels": input_spec.channels}
+
+
 def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:
     """The labelled split to score, or the folder to predict, at the model's input size."""
-    fit: dict[str, Any] = {"image_size": list(input_spec.size), "channels": input_spec.channels}
+    fit = _fit_of(input_spec)
     if cfg.mode == "predict":
         return UnlabelledImages(cfg.predict.root, **fit, decode_threads=cfg.predict.decode_threads)
     return build_dataset(cfg.data, cfg.data.split, **fit)

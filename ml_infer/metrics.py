@@ -66,6 +66,57 @@ def expected_calibration_error(
     return float((confidence_sums - correct_sums).abs().sum() / len(labels))
 
 
+def adaptive_calibration_error(
+    probs: Tensor, preds: Tensor, labels: Tensor, n_bins: int = ECE_BINS
+) -> float:
+    """ECE with equal-mass bins (adaptive ECE, Nixon et al. 2019): images sorted by confidence
+    and cut into `n_bins` groups of (nearly) equal size, as torch-uncertainty cuts them; the sum
+    over groups of |group| / N * |accuracy - mean confidence|. Unlike equal-width bins, no bin is
+    nearly empty when a strategy's confidences crowd near 1.
+
+    >>> probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.7, 0.3]])
+    >>> round(adaptive_calibration_error(probs, torch.zeros(4, dtype=torch.long),
+    ...                                  torch.tensor([0, 1, 0, 0]), n_bins=2), 4)
+    0.35
+    """
+    confidence = probs.gather(1, preds.view(-1, 1)).squeeze(1).double()
+    correct = (preds == labels).double()
+    confidence, order = confidence.sort()
+    correct = correct[order]
+    total = 0.0
+    for conf_bin, correct_bin in zip(
+        confidence.tensor_split(n_bins), correct.tensor_split(n_bins), strict=True
+    ):
+        if len(conf_bin):
+            total += len(conf_bin) * abs(float(correct_bin.mean() - conf_bin.mean()))
+    return total / max(len(labels), 1)
+
+
+def reliability_bins(
+    probs: Tensor, preds: Tensor, labels: Tensor, n_bins: int = ECE_BINS
+) -> dict[str, list[float]]:
+    """What a reliability diagram draws: per equal-width confidence bin [j/n, (j+1)/n] (the last
+    one closed), its image count, mean confidence and accuracy (NaN for an empty bin).
+
+    >>> bins = reliability_bins(torch.tensor([[0.9, 0.1], [0.3, 0.7]]), torch.tensor([0, 0]),
+    ...                         torch.tensor([0, 1]), n_bins=2)
+    >>> bins["count"], bins["accuracy"]
+    ([1.0, 1.0], [0.0, 1.0])
+    """
+    confidence = probs.gather(1, preds.view(-1, 1)).squeeze(1).double()
+    correct = (preds == labels).double()
+    boundaries = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    index = (torch.bucketize(confidence, boundaries, right=True) - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(index, minlength=n_bins).double()
+    confidence_sum = torch.bincount(index, weights=confidence, minlength=n_bins)
+    correct_sum = torch.bincount(index, weights=correct, minlength=n_bins)
+    return {
+        "count": count.tolist(),
+        "confidence": (confidence_sum / count).tolist(),
+        "accuracy": (correct_sum / count).tolist(),
+    }
+
+
 def wilson_interval(successes: int, total: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a proportion.
 
@@ -94,8 +145,16 @@ def classification_metrics(probs: Tensor, preds: Tensor, labels: Tensor) -> dict
         "accuracy_ci95_low": low,
         "accuracy_ci95_high": high,
         "macro_f1": float(macro_f1),
+        **calibration_metrics(probs, preds, labels),
+    }
+
+
+def calibration_metrics(probs: Tensor, preds: Tensor, labels: Tensor) -> dict[str, float]:
+    """NLL, 15-bin ECE, adaptive (equal-mass) ECE and Brier score."""
+    return {
         "nll": nll(probs, labels),
         "ece": expected_calibration_error(probs, preds, labels),
+        "ece_adaptive": adaptive_calibration_error(probs, preds, labels),
         "brier": brier(probs, labels),
     }
 

@@ -43,6 +43,8 @@ RESULT_FILES = (
     "predictions.csv",
     "confusion_matrix.png",
     "fixed_broken.png",
+    "reliability.png",
+    "calibration_split.csv",
     "metrics.json",
     MLFLOW_RUN_FILE,
     MLFLOW_PENDING_FILE,

@@ -35,7 +35,7 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
     Points are numbered and listed in a key, so that runs of equal cost and accuracy stay
     readable; a second panel zooms into the accuracy band around the best run.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     use_measured = all(not math.isnan(r.get("relative_cost", math.nan)) for r in rows)
@@ -121,7 +121,7 @@ def plot_confusion_matrix(
     """Counts of (true, predicted) classes as a heat map, each cell labelled."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     n = len(classes)
     matrix = np.zeros((n, n), dtype=int)
     np.add.at(matrix, (np.asarray(labels), np.asarray(preds)), 1)
@@ -153,7 +153,7 @@ def plot_confusion_matrix(
     plt.close(figure)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,7 +178,7 @@ def plot_fixed_broken(
     one montage (one image, not a subplot per image: a sweep draws one per run)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fixed = [i for i in range(len(labels)) if preds[i] == labels[i] != baseline_preds[i]]
     broken = [i for i in range(len(labels)) if baseline_preds[i] == labels[i] != preds[i]]
     shown = [("fixed", i) for i in fixed[:per_group]] + [("broken", i) for i in broken[:per_group]]
@@ -217,7 +217,7 @@ def plot_fixed_broken(
 def plot_risk_coverage(curves: dict[str, tuple[list[float], float]], path: Path) -> None:
     """Selective risk against coverage, one line per run (lower is better; its AURC in the key):
     how many errors a strategy makes on the images it is most confident of."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(10, 6.5))
     colours = plt.get_cmap("tab20").colors
     ranked = sorted(curves.items(), key=lambda item: item[1][1])  # best AURC first in the key

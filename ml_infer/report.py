@@ -31,8 +31,9 @@ from ml_infer.config import process_rank
 from ml_infer.errors import UserError
 from ml_infer.outputs import atomic_write, failed_jobs, sweep_id_of
 from ml_infer.plots import plot_pareto, plot_risk_coverage
+from ml_infer.reliability import plot_reliability_overlay
 from ml_infer.store import DiskStore
-from ml_infer.sweepdir import read_runs, risk_curves, skip
+from ml_infer.sweepdir import read_runs, reliability_of_runs, risk_curves, skip
 from ml_infer.tracking import runs_of_experiment, sync_sweep
 
 TABLE_COLUMNS = (
@@ -48,6 +49,8 @@ TABLE_COLUMNS = (
     ("macro_f1", "{:.4f}"),
     ("nll", "{:.4f}"),
     ("ece", "{:.4f}"),
+    ("ece_calibrated", "{:.4f}"),
+    ("set_size (coverage)", "{}"),
     ("images_per_s", "{:.0f}"),
     ("fixed/broken", "{}"),
     ("aurc", "{:.4f}"),
@@ -91,6 +94,8 @@ def add_derived_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"[{row['accuracy_delta_ci95_low']:+.4f}, {row['accuracy_delta_ci95_high']:+.4f}]"
             )
         row["McNemar p"] = row.get("mcnemar_p_vs_standard")
+        if "mean_set_size" in row and "coverage" in row:
+            row["set_size (coverage)"] = f"{row['mean_set_size']:.2f} ({row['coverage']:.3f})"
         if "flips_fixed" in row:
             row["fixed/broken"] = f"+{row['flips_fixed']}/-{row.get('flips_broken', 0)}"
         measured = row.get("relative_cost")
@@ -151,6 +156,9 @@ def write_comparison(
     curves = risk_curves(rows)
     if curves:
         plot_risk_coverage(curves, out_dir / "risk_coverage.png")
+    diagrams = reliability_of_runs(rows)
+    if diagrams:
+        plot_reliability_overlay(diagrams, out_dir / "reliability.png")
     return rows
 
 

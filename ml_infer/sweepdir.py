@@ -71,6 +71,11 @@ _NUMERIC_FIELDS = (
     "flips_broken",
     "forward_passes_computed",
     "aurc",
+    "nll_calibrated",
+    "ece_calibrated",
+    "ece_adaptive",
+    "mean_set_size",
+    "coverage",
 )
 
 
@@ -147,3 +152,38 @@ def risk_curves(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], floa
         )
         curves[str(row.get("run", path.parent.name))] = (risks.tolist(), aurc(risks))
     return curves
+
+
+def reliability_of_runs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per run (by its label): the `reliability` bins of its metrics.json, for the sweep's
+    overlay; runs without them, or with bins of the wrong shape, are left out."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        reliability = row.get("reliability")
+        if not isinstance(reliability, dict) or "raw" not in reliability:
+            continue
+        if all(_bins_shaped(bins) for bins in reliability.values()):
+            found[str(row.get("run", row.get("run_dir")))] = reliability
+    return found
+
+
+def _bins_shaped(bins: Any) -> bool:
+    """{count, confidence, accuracy}: lists of numbers of one length.
+
+    >>> _bins_shaped({"count": [1, 0], "confidence": [0.5, float("nan")], "accuracy": [1, 0]})
+    True
+    >>> _bins_shaped({"count": [1], "confidence": ["x"], "accuracy": [1]})
+    False
+    """
+    if not isinstance(bins, dict):
+        return False
+    columns = [bins.get(key) for key in ("count", "confidence", "accuracy")]
+    return (
+        all(isinstance(column, list) for column in columns)
+        and len({len(column) for column in columns}) == 1  # type: ignore[arg-type]
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for column in columns
+            for v in column  # type: ignore[union-attr]
+        )
+    )

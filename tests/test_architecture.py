@@ -17,18 +17,18 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_infer"
 # From the bottom up; a module imports only from the layers before its own.
 LAYERS: list[set[str]] = [
     {"errors", "metrics", "plots", "textures"},  # leaves: nothing of ours below them
-    {"filedata"},
+    {"filedata", "reliability"},
     {"config", "outputs", "sweeplock"},  # base: config access, run-directory files, the lock
     {"precheck"},
     {"device"},
     {"inputs"},
-    {"augment", "aggregate", "models", "checkpoints", "folders", "store"},
+    {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
     {"bank", "data"},
-    {"predictor"},
+    {"predictor", "calsplit"},
     {"passes"},
     {"runners"},
     {"assemble"},
-    {"score"},
+    {"score", "posthoc"},
     {"evaluate"},
     {"record", "tracking.store"},
     {"tracking.runs"},

@@ -1,0 +1,149 @@
+"""Post-hoc calibration of a classifier's logits, fitted by NLL on a calibration split.
+
+- `temperature`: one scalar T > 0, logits / T (Guo et al. 2017). Never changes the argmax.
+- `vector`: a per-class scale and bias, logits * w + b (Guo et al.'s vector scaling); it may
+  change the predicted class.
+
+A strategy's merged output is a probability vector (a mean of softmaxes, a vote share), so the
+`merged` stage calibrates its log-probabilities as logits; a zero share is clipped at float32
+epsilon first, as the NLL metric clips it. Fits run in float64 with L-BFGS over log T (T stays
+positive; T < 1 sharpens under-confident models).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ml_infer.errors import UserError, one_of
+
+METHODS = ("none", "temperature", "vector")
+STAGES = ("merged", "member")
+LOG_EPS = math.log(torch.finfo(torch.float32).eps)
+
+
+def log_probs_as_logits(probs: Tensor) -> Tensor:
+    """A merged output's probabilities as logits: their log, zero shares clipped at epsilon.
+
+    >>> log_probs_as_logits(torch.tensor([[1.0, 0.0]])).softmax(-1)[0, 0].item() > 0.9999
+    True
+    """
+    return probs.double().log().clamp_min(LOG_EPS)
+
+
+class Calibrator:
+    """`fit(logits, labels)` on the calibration split, then `__call__(logits)` anywhere."""
+
+    name = "none"
+
+    def fit(self, logits: Tensor, labels: Tensor) -> Calibrator:
+        return self
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits
+
+    def parameters(self) -> dict[str, float | list[float]]:
+        return {}
+
+
+class TemperatureScaling(Calibrator):
+    """logits / T with T fitted by NLL (Guo et al. 2017).
+
+    >>> torch.manual_seed(0) is not None
+    True
+    >>> logits = torch.randn(4000, 5) * 3
+    >>> labels = torch.distributions.Categorical(logits=logits / 2.0).sample()
+    >>> round(TemperatureScaling().fit(logits, labels).temperature, 1)
+    2.0
+    """
+
+    name = "temperature"
+
+    def __init__(self) -> None:
+        self.temperature = 1.0
+
+    def fit(self, logits: Tensor, labels: Tensor) -> TemperatureScaling:
+        logits = _checked(logits, labels)
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        _minimise([log_t], lambda: _nll(logits / log_t.exp(), labels))
+        self.temperature = float(log_t.detach().exp())
+        return self
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits / self.temperature
+
+    def parameters(self) -> dict[str, float | list[float]]:
+        return {"temperature": self.temperature}
+
+
+class VectorScaling(Calibrator):
+    """logits * w + b with one w and one b per class, fitted by NLL (Guo et al. 2017)."""
+
+    name = "vector"
+
+    def __init__(self) -> None:
+        self.scale: Tensor | None = None
+        self.bias: Tensor | None = None
+
+    def fit(self, logits: Tensor, labels: Tensor) -> VectorScaling:
+        logits = _checked(logits, labels)
+        n_classes = logits.shape[-1]
+        scale = torch.ones(n_classes, dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        _minimise([scale, bias], lambda: _nll(logits * scale + bias, labels))
+        self.scale, self.bias = scale.detach(), bias.detach()
+        return self
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale is None or self.bias is None:
+            raise RuntimeError("VectorScaling is applied before it was fitted")
+        return logits * self.scale.to(logits.dtype) + self.bias.to(logits.dtype)
+
+    def parameters(self) -> dict[str, float | list[float]]:
+        if self.scale is None or self.bias is None:
+            return {}
+        return {"vector_scale": self.scale.tolist(), "vector_bias": self.bias.tolist()}
+
+
+CALIBRATORS: dict[str, type[Calibrator]] = {
+    "none": Calibrator,
+    "temperature": TemperatureScaling,
+    "vector": VectorScaling,
+}
+
+
+def calibrator(method: str) -> Calibrator:
+    if method not in CALIBRATORS:
+        raise one_of("calibration.method", method, METHODS)
+    return CALIBRATORS[method]()
+
+
+def _checked(logits: Tensor, labels: Tensor) -> Tensor:
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    if len(labels) == 0:
+        raise UserError("the calibration split has no labelled images to fit on")
+    # A float64 copy: the store's tensors may be inference tensors, which autograd can't save.
+    return logits.detach().double().clone()
+
+
+def _nll(logits: Tensor, labels: Tensor) -> Tensor:
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def _minimise(parameters: list[Tensor], loss_of: object) -> None:
+    """L-BFGS with a strong-Wolfe line search: a few dozen evaluations for these convex fits."""
+    optimiser = torch.optim.LBFGS(
+        parameters, lr=1.0, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = loss_of()  # type: ignore[operator]
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(closure)
