@@ -4,6 +4,10 @@
 - `vector`: a per-class scale and bias, logits * w + b (Guo et al.'s vector scaling); it may
   change the predicted class.
 
+When the calibration images are all classified right, the NLL keeps falling as T -> 0 (or
+as vector scaling's scales grow): nothing identifies the fit. T is then held in [0.05, 20] and
+a warning says so; more calibration images are the cure.
+
 A strategy's merged output is a probability vector (a mean of softmaxes, a vote share), so the
 `merged` stage calibrates its log-probabilities as logits; a zero share is clipped at float32
 epsilon first, as the NLL metric clips it. Fits run in float64 with L-BFGS over log T (T stays
@@ -12,6 +16,7 @@ positive; T < 1 sharpens under-confident models).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +27,9 @@ from ml_infer.errors import UserError, one_of
 METHODS = ("none", "temperature", "vector")
 STAGES = ("merged", "member")
 LOG_EPS = math.log(torch.finfo(torch.float32).eps)
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+log = logging.getLogger(__name__)
 
 
 def log_probs_as_logits(probs: Tensor) -> Tensor:
@@ -68,7 +76,17 @@ class TemperatureScaling(Calibrator):
         logits = _checked(logits, labels)
         log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
         _minimise([log_t], lambda: _nll(logits / log_t.exp(), labels))
-        self.temperature = float(log_t.detach().exp())
+        fitted = float(log_t.detach().exp())
+        low, high = TEMPERATURE_RANGE
+        self.temperature = min(max(fitted, low), high)
+        if self.temperature != fitted:
+            log.warning(
+                "temperature scaling: the fitted T=%.3g is held at %g (%s); fit on more "
+                "calibration images",
+                fitted,
+                self.temperature,
+                _why_unidentified(logits, labels),
+            )
         return self
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -94,6 +112,12 @@ class VectorScaling(Calibrator):
         bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
         _minimise([scale, bias], lambda: _nll(logits * scale + bias, labels))
         self.scale, self.bias = scale.detach(), bias.detach()
+        if bool((logits.argmax(dim=1) == labels).all()):
+            log.warning(
+                "vector scaling: %s, so its scales grow until the optimiser stops; fit on "
+                "more calibration images or use calibration=temperature",
+                _why_unidentified(logits, labels),
+            )
         return self
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -127,6 +151,11 @@ def _checked(logits: Tensor, labels: Tensor) -> Tensor:
         raise UserError("the calibration split has no labelled images to fit on")
     # A float64 copy: the store's tensors may be inference tensors, which autograd can't save.
     return logits.detach().double().clone()
+
+
+def _why_unidentified(logits: Tensor, labels: Tensor) -> str:
+    errors = int((logits.argmax(dim=1) != labels).sum())
+    return f"{errors} of the {len(labels)} calibration images are classified wrong"
 
 
 def _nll(logits: Tensor, labels: Tensor) -> Tensor:

@@ -85,9 +85,8 @@ def fit(
     """The threshold of `method` at level `alpha` from calibration probabilities and labels."""
     if method not in METHODS or method == "none":
         raise one_of("conformal.method", method, METHODS[1:])
+    check_settings(alpha, k_reg, lam)
     n = len(labels)
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"conformal.alpha must lie in (0, 1), got {alpha}")
     if n == 0:
         raise UserError("conformal sets need labelled calibration images; the split is empty")
     if math.ceil((n + 1) * (1 - alpha)) > n:
@@ -95,8 +94,6 @@ def fit(
             f"conformal.alpha={alpha} needs at least {math.ceil(1 / alpha) - 1} calibration "
             f"images, the calibration split has {n}"
         )
-    if lam < 0:
-        raise UserError(f"conformal.lam must be 0 or more, got {lam}")
     generator = torch.Generator().manual_seed(seed)
     if method == "raps":
         k_reg = _auto_k_reg(probs, labels, alpha) if k_reg == "auto" else _positive_int(k_reg)
@@ -113,6 +110,16 @@ def fit(
     true_scores = fitted.scores(probs).gather(1, labels.view(-1, 1)).squeeze(1)
     fitted.threshold = conformal_quantile(true_scores, alpha)
     return fitted
+
+
+def check_settings(alpha: Any, k_reg: Any, lam: Any) -> None:
+    """alpha in (0, 1), k_reg `auto` or a whole number >= 0, lam a number >= 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise UserError(f"conformal.alpha must lie in (0, 1), got {alpha!r}")
+    if k_reg != "auto":
+        _positive_int(k_reg)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < math.inf:
+        raise UserError(f"conformal.lam must be a number >= 0, got {lam!r}")
 
 
 def conformal_quantile(scores: Tensor, alpha: float) -> float:

@@ -31,7 +31,7 @@ from ml_infer.errors import UserError, one_of
 from ml_infer.inputs import InputSpec
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
-from ml_infer.posthoc import PostHoc, fit_and_apply
+from ml_infer.posthoc import PostHoc, check_settings, fit_and_apply
 from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import RUNNERS, build_runner
 from ml_infer.score import member_and_view_scores, run_metrics, scores
@@ -98,6 +98,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         raise one_of("strategy.runner", strategy.runner, RUNNERS)
     if cfg.mode == "predict" and not cfg.predict.root:
         raise UserError("mode=predict needs predict.root=DIR, a folder of images")
+    check_settings(cfg)
     views = build_views(cfg.tta.augmentations)
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
