@@ -57,7 +57,7 @@ def test_temperature_is_fitted_on_the_val_split_and_never_changes_a_class(runs_d
 
 @pytest.mark.slow
 def test_tta_merged_stage_repairs_what_its_views_broke(runs_dir, tmp_path):
-    metrics, rows = evaluated(runs_dir, tmp_path, "strategy=tta", "calibration=temperature")
+    metrics, _ = evaluated(runs_dir, tmp_path, "strategy=tta", "calibration=temperature")
     assert metrics["ece"] > 0.2  # flipped and rotated digits pull every confidence down
     assert metrics["ece_calibrated"] < 0.05 and metrics["calibration_fit"]["temperature"] < 1
     assert metrics["preds_changed_by_calibration"] == 0
@@ -91,7 +91,7 @@ def test_a_holdout_of_the_test_split_is_fitted_on_and_never_scored(runs_dir, tmp
     assert metrics["calibration_split"].startswith("holdout 0.5 of test")
     labels = [row["label"] for row in rows]
     assert all(abs(labels.count(str(c)) - 18) <= 1 for c in range(10))  # stratified: 36 each
-    again, _ = evaluated(
+    evaluated(
         runs_dir, tmp_path / "again", "calibration=temperature", "calibration.holdout_fraction=0.5"
     )
     assert calibration_ids(tmp_path / "again") == held  # fixed by the seed
