@@ -41,6 +41,9 @@ class PostHoc:
     calibrated: Predictions
     sets: Tensor | None
     metrics: dict[str, Any]
+    # The calibration split as the conformal threshold saw it (calibrated probabilities, labels).
+    calibration_probs: Tensor | None = None
+    calibration_labels: Tensor | None = None
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -113,14 +116,17 @@ def fit_and_apply(
             found["reliability"]["calibrated"] = reliability_bins(
                 calibrated.probs, calibrated.preds, labels
             )
-    sets = None
+    sets: Tensor | None = None
+    seen_probs: Tensor | None = None
+    seen_labels: Tensor | None = None
     if cfg.conformal.method != "none":
         settings = cfg.conformal
         if conformal_logits is None or conformal_labels is None:
             conformal_logits, conformal_labels = calibration_logits, calibration_labels
+        seen_probs, seen_labels = apply(conformal_logits).probs, conformal_labels
         fitted_sets = conformal.fit(
-            apply(conformal_logits).probs,
-            conformal_labels,
+            seen_probs,
+            seen_labels,
             settings.method,
             float(settings.alpha),
             randomized=bool(settings.randomized),
@@ -137,7 +143,7 @@ def fit_and_apply(
         }
         found |= fitted_sets.parameters()
         found |= conformal.set_metrics(sets, calibrated.preds, labels)
-    return PostHoc(calibrated, sets, found)
+    return PostHoc(calibrated, sets, found, seen_probs, seen_labels)
 
 
 def _fit_calibration(

@@ -379,6 +379,30 @@ class Scenarios:
             (self.tmp / "texts" / name / "notes.txt").write_text("not an image")
         return self.imagefolder(self.tmp / "texts")
 
+    def unknown_calibration(self) -> Case:
+        return self.evaluate("calibration=platt")
+
+    def unknown_calibration_stage(self) -> Case:
+        return self.evaluate("calibration=temperature", "calibration.stage=views")
+
+    def unknown_conformal_method(self) -> Case:
+        return self.evaluate("conformal.method=thr")
+
+    def conformal_level_outside_0_1(self) -> Case:
+        return self.evaluate("conformal=aps", "conformal.alpha=1.5")
+
+    def too_few_calibration_images_for_the_level(self) -> Case:
+        return self.evaluate("conformal=lac", "conformal.alpha=0.001")
+
+    def holdout_fraction_outside_0_1(self) -> Case:
+        return self.evaluate("calibration=temperature", "calibration.holdout_fraction=2")
+
+    def calibrating_on_the_scored_split(self) -> Case:
+        return self.evaluate("calibration=temperature", "data.split=val")
+
+    def image_folder_without_a_calibration_split(self) -> Case:
+        return self.imagefolder(self.digit_folder(self.tmp / "flat"), "calibration=temperature")
+
     def one_pixel_images(self) -> Case:
         root = self.digit_folder(self.tmp / "tiny")
         for path in root.rglob("*.png"):
