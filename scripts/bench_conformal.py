@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_test": len(outputs["test"][1]),
             **resplit_scores(outputs, args.alpha, args.resplits),
         }
-    print(f"\n$ python scripts/bench_conformal.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"\n$ python scripts/bench_conformal.py {command}")
     print("\n".join(machine_summary(torch.device("cpu"))))
     first = next(iter(results.values()))
     print(
