@@ -98,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict the images of DIR (no labels needed) instead of scoring",
     )
     parser.add_argument(
+        "--calibration",
+        choices=options("calibration"),
+        help="post-hoc calibration fitted on the data's val split (default: none)",
+    )
+    parser.add_argument(
+        "--conformal",
+        choices=options("conformal"),
+        help="conformal prediction sets calibrated on the val split (default: none)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=_level,
+        metavar="A",
+        help="miscoverage of the conformal sets (default 0.1: sets hold the class 90%% of images)",
+    )
+    parser.add_argument(
         "--batch-size", "--batch_size", type=_positive_int, metavar="N", help="images per batch"
     )
     parser.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
@@ -159,6 +175,12 @@ def to_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"data.split={args.split}")
     if args.predict:
         overrides += ["mode=predict", f"predict.root={quote_override_value(args.predict)}"]
+    if args.calibration:
+        overrides.append(f"calibration={args.calibration}")
+    if args.conformal:
+        overrides.append(f"conformal={args.conformal}")
+    if args.alpha is not None:
+        overrides.append(f"conformal.alpha={args.alpha:g}")
     if args.batch_size:
         overrides.append(f"data.batch_size={args.batch_size}")
     if args.device:
@@ -211,6 +233,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _list(values: Sequence[str]) -> str:
     return "[" + ",".join(quote_override_value(v) for v in values) + "]"
+
+
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -129,6 +129,10 @@ def test_seed_cli_example_matches_python_m_ml_infer(example, fold_paths, runs_di
             ["strategy=tta", "mode=predict", "predict.root=new/"],
         ),
         (["--tta-augmentations", "rotate_90"], ["strategy=tta", "tta.augmentations=[rotate_90]"]),
+        (
+            ["--calibration", "temperature", "--conformal", "raps", "--alpha", "0.05"],
+            ["calibration=temperature", "conformal=raps", "conformal.alpha=0.05"],
+        ),
     ],
 )
 def test_flags_map_to_overrides(flags, expected):
@@ -171,6 +175,8 @@ def test_help_imports_neither_torch_nor_hydra():
         ),
         (["--strategy", "fast"], ["--strategy", "'tta_ensemble'"]),
         (["--batch-size", "0"], ["--batch-size", "positive integer"]),
+        (["--alpha", "1.5"], ["--alpha", "in (0, 1)", "'1.5'"]),
+        (["--conformal", "thr"], ["--conformal", "'thr'", "'raps'"]),
         (["--checkpoint_path", "a.pt", "--ensemble", "b.pt"], ["--ensemble", "not allowed with"]),
     ],
 )
