@@ -178,3 +178,46 @@ def test_an_image_folder_without_a_val_folder_needs_one_named(runs_dir, tmp_path
     assert metrics["calibration_split"] == f"val_root {tmp_path / 'calib'}"
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["ece_calibrated"] == pytest.approx(metrics["ece_calibrated"])
+
+
+@pytest.mark.slow
+def test_a_calibrated_sweep_compares_calibration_and_sets(runs_dir, tmp_path):
+    from .conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "ml_infer",
+            "-m",
+            "strategy=standard,tta",
+            "calibration=temperature",
+            "conformal=lac",
+            "tracking=none",
+            f"runs_dir={runs_dir}",
+            f"hydra.sweep.dir={sweep}",
+            "engine.min_timing_s=0",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (sweep / "comparison.md").read_text().splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    runs = {
+        json.loads(p.read_text())["strategy"]: json.loads(p.read_text())
+        for p in sweep.glob("*/metrics.json")
+    }
+    for line in table[2:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        metrics = runs[cells["strategy"]]
+        assert cells["ece_calibrated"] == f"{metrics['ece_calibrated']:.4f}"
+        assert cells["set_size (coverage)"] == (
+            f"{metrics['mean_set_size']:.2f} ({metrics['coverage']:.3f})"
+        )
+    overlay = (sweep / "reliability.png").read_bytes()
+    # A run whose bins are not data of the right shape is left out of the overlay, not fatal.
+    hostile = next(sweep.glob("*_tta/metrics.json"))
+    metrics = json.loads(hostile.read_text())
+    metrics["reliability"]["raw"]["count"] = ["${oc.env:HOME}"]
+    hostile.write_text(json.dumps(metrics))
+    again = run_cli(["ml_infer.report", str(sweep)])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (sweep / "reliability.png").read_bytes() != overlay  # redrawn with one curve

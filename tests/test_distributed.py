@@ -60,8 +60,9 @@ def assert_same_results(multi_dir: Path, single_dir: Path, single: dict) -> None
     [
         ["strategy=accelerate"],
         ["strategy=tta_ensemble", "strategy.runner=accelerate", "tta=flips"],
+        ["strategy=accelerate", "calibration=temperature", "conformal=aps"],
     ],
-    ids=["accelerate", "tta_ensemble"],
+    ids=["accelerate", "tta_ensemble", "calibrated_with_sets"],
 )
 def test_two_processes_give_the_one_process_answer(overrides, runs_dir, tmp_path):
     torchrun(tmp_path / "two", f"runs_dir={runs_dir}", "tracking=none", *UNEVEN, *overrides)

@@ -154,6 +154,8 @@ RUN_ARTIFACTS = (
     "resolved_config.yaml",
     "confusion_matrix.png",
     "fixed_broken.png",
+    "reliability.png",
+    "calibration_split.csv",
 )
 
 

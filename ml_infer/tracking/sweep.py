@@ -201,7 +201,13 @@ def _start_parent(tracking: TrackingSettings, sweep_dir: Path, overrides: list[s
 
 def _finish_parent(tracking: TrackingSettings, run_id: str, sweep_dir: Path, status: str) -> None:
     client = _client(tracking)
-    for name in ("comparison.md", "comparison.csv", "pareto.png", "risk_coverage.png"):
+    for name in (
+        "comparison.md",
+        "comparison.csv",
+        "pareto.png",
+        "risk_coverage.png",
+        "reliability.png",
+    ):
         if (sweep_dir / name).is_file():
             client.log_artifact(run_id, str(sweep_dir / name))
     client.set_tag(run_id, "sweep_dir", str(sweep_dir.resolve()))
