@@ -78,6 +78,7 @@ def test_member_stage_fits_one_calibrator_per_checkpoint(runs_dir, tmp_path):
     assert metrics["ece_calibrated"] <= metrics["ece"]
 
 
+@pytest.mark.slow
 def test_a_holdout_of_the_test_split_is_fitted_on_and_never_scored(runs_dir, tmp_path):
     metrics, rows = evaluated(
         runs_dir, tmp_path, "calibration=temperature", "calibration.holdout_fraction=0.5"
@@ -153,6 +154,7 @@ def test_the_calibration_splits_outputs_come_from_the_store(runs_dir, tmp_path):
     assert second["ece_calibrated"] == pytest.approx(first["ece_calibrated"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_an_image_folder_without_a_val_folder_needs_one_named(runs_dir, tmp_path):
     from PIL import Image
 

@@ -185,6 +185,7 @@ def reference_ace_module():
     return module
 
 
+@pytest.mark.slow  # imports a reference package or repeats re-splits
 @pytest.mark.parametrize(
     ("seed", "n", "n_classes"), [(0, 1000, 10), (1, 1003, 4), (2, 45, 3), (3, 16, 7), (4, 2500, 2)]
 )
@@ -267,6 +268,7 @@ def synthetic(seed: int, miscalibration: float, n: int = 4000, n_classes: int = 
     return logits.softmax(dim=-1), sample(logits / miscalibration, generator)
 
 
+@pytest.mark.slow  # imports a reference package or repeats re-splits
 @pytest.mark.parametrize("miscalibration", [1.0, 2.5])
 @pytest.mark.parametrize(
     ("method", "options"),
@@ -405,6 +407,7 @@ def clear_of_the_threshold(scores: torch.Tensor, threshold: float) -> bool:
     return bool(((scores - threshold).abs() > MAPIE_EPSILON).all())
 
 
+@pytest.mark.slow  # imports a reference package or repeats re-splits
 @pytest.mark.parametrize(("seed", "alpha"), [(0, 0.1), (1, 0.05), (2, 0.2), (3, 0.1)])
 def test_lac_sets_equal_mapie(seed, alpha):
     probs, labels = synthetic(seed=seed, miscalibration=1.5, n=3000)
@@ -418,6 +421,7 @@ def test_lac_sets_equal_mapie(seed, alpha):
     assert members.sum() > 0 and np.array_equal(members, theirs)
 
 
+@pytest.mark.slow  # imports a reference package or repeats re-splits
 @pytest.mark.parametrize(("seed", "alpha"), [(0, 0.1), (1, 0.05), (2, 0.2)])
 def test_deterministic_aps_sets_equal_mapie(seed, alpha):
     """Our APS with randomized=False against MAPIE's APS with an un-randomised calibration

@@ -53,6 +53,7 @@ def test_patches_stay_inside_their_split_band():
     assert patches.max() < 140
 
 
+@pytest.mark.slow
 def test_folds_train_on_it_as_an_rgb_model_and_tta_runs(textures, tmp_path):
     root, _ = textures
     runs = tmp_path / "runs"

@@ -185,6 +185,7 @@ def test_tracking_none_writes_no_store(runs_dir, tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.db"))
 
 
+@pytest.mark.slow  # imports mlflow (4 s); the fast loop keeps the untracked paths
 def test_single_run_is_tracked_in_process(runs_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_config(
