@@ -49,6 +49,7 @@ TABLE_COLUMNS = (
     ("macro_f1", "{:.4f}"),
     ("nll", "{:.4f}"),
     ("ece", "{:.4f}"),
+    ("nll_calibrated", "{:.4f}"),
     ("ece_calibrated", "{:.4f}"),
     ("set_size (coverage)", "{}"),
     ("images_per_s", "{:.0f}"),

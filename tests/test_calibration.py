@@ -211,6 +211,7 @@ def test_a_calibrated_sweep_compares_calibration_and_sets(runs_dir, tmp_path):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
         metrics = runs[cells["strategy"]]
         assert cells["ece_calibrated"] == f"{metrics['ece_calibrated']:.4f}"
+        assert cells["nll_calibrated"] == f"{metrics['nll_calibrated']:.4f}"
         assert cells["set_size (coverage)"] == (
             f"{metrics['mean_set_size']:.2f} ({metrics['coverage']:.3f})"
         )
