@@ -7,6 +7,11 @@ Members arrive as `Predictions(probs [N, B, C], preds [N, B])` and leave as
 - `Weighted`: `SoftVoting` that insists on one weight per member.
 - `Max`: the per-class maximum probability, renormalised to sum to 1.
 - `GeometricMean`: the normalised geometric mean of probabilities.
+- `Median`, `Min`: the per-class median / minimum probability, renormalised (robust to one
+  view that goes wrong; `min` keeps only what every member believes).
+- `TSharpen`: the normalised (weighted) mean of probabilities raised to the power t (0.5 by
+  default). ttach's `tsharpen` powers logits, which are negative as often as not (NaN for
+  t = 0.5); powering probabilities keeps it defined and order-preserving.
 - `HardVoting` (TTA `vote`, ensemble `hard_voting`): the majority class of the members' own
   predictions. Ties go to the tied class with the larger summed probability, then to the lower
   class index (vote shares and summed probabilities within 1e-6 count as equal, so the winner
@@ -146,6 +151,66 @@ class GeometricMean(Aggregator):
         log_probs = members.probs.clamp_min(_LOG_FLOOR).log()
         mean_log = (log_probs * self.member_weights(members)).sum(dim=0)
         return Predictions.from_probs(mean_log.softmax(dim=-1))
+
+
+class Median(Aggregator):
+    """Per-class median probability over members (the mean of the two middle values for an
+    even count), renormalised.
+
+    >>> probs = torch.tensor([[[0.9, 0.1]], [[0.8, 0.2]], [[0.1, 0.9]]])
+    >>> [round(p, 4) for p in Median()(Predictions.from_probs(probs)).probs[0].tolist()]
+    [0.8, 0.2]
+    """
+
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        if weights is not None:
+            raise UserError("aggregation 'median' takes no weights; use mean or weighted")
+        super().__init__()
+
+    def merge(self, members: Predictions) -> Predictions:
+        probs = members.probs.quantile(0.5, dim=0)
+        return Predictions.from_probs(_renormalised(probs))
+
+
+class Min(Aggregator):
+    """Per-class minimum probability over members, renormalised."""
+
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        if weights is not None:
+            raise UserError("aggregation 'min' takes no weights; use mean or weighted")
+        super().__init__()
+
+    def merge(self, members: Predictions) -> Predictions:
+        return Predictions.from_probs(_renormalised(members.probs.amin(dim=0)))
+
+
+class TSharpen(Aggregator):
+    """Normalised (weighted) mean of probabilities to the power t; t < 1 lets a class that
+    several members find likely outweigh one member's certainty.
+
+    >>> probs = torch.tensor([[[1.0, 0.0]], [[0.36, 0.64]]])
+    >>> [round(p, 4) for p in TSharpen(t=0.5)(Predictions.from_probs(probs)).probs[0].tolist()]
+    [0.6667, 0.3333]
+    """
+
+    def __init__(self, t: float = 0.5, weights: Sequence[float] | None = None) -> None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < math.inf:
+            raise UserError(f"tsharpen's t must be a positive number, got {t!r}")
+        super().__init__(weights)
+        self.t = float(t)
+
+    def merge(self, members: Predictions) -> Predictions:
+        powered = members.probs.clamp_min(0.0) ** self.t
+        return Predictions.from_probs(
+            _renormalised((powered * self.member_weights(members)).sum(dim=0))
+        )
+
+
+def _renormalised(probs: Tensor) -> Tensor:
+    """Rows scaled to sum to 1; an all-zero row becomes uniform."""
+    total = probs.sum(dim=-1, keepdim=True)
+    uniform = torch.full_like(probs, 1.0 / probs.shape[-1])
+    return torch.where(total > 0, probs / total.clamp_min(torch.finfo(probs.dtype).tiny), uniform)
 
 
 class HardVoting(Aggregator):

@@ -11,8 +11,11 @@ from ml_infer.aggregate import (
     GeometricMean,
     HardVoting,
     Max,
+    Median,
+    Min,
     Predictions,
     SoftVoting,
+    TSharpen,
     Weighted,
     normalised_weights,
 )
@@ -54,6 +57,37 @@ def test_geometric_mean():
     merged = GeometricMean()(MEMBERS)
     expected = PROBS[:, 0].log().mean(0).exp()
     assert close(merged.probs[0], (expected / expected.sum()).tolist())
+
+
+def test_median_takes_the_per_class_median_then_renormalises():
+    merged = Median()(MEMBERS)
+    # image 0: medians (0.5, 0.3, 0.2), sum 1.0; image 1: (0.2, 0.3, 0.4), sum 0.9
+    assert close(merged.probs, [[0.5, 0.3, 0.2], [0.2 / 0.9, 0.3 / 0.9, 0.4 / 0.9]])
+    assert merged.preds.tolist() == [0, 2]
+
+
+def test_min_keeps_what_every_member_believes():
+    merged = Min()(MEMBERS)
+    # image 0: minima (0.1, 0.1, 0.1) -> uniform; image 1: (0.1, 0.1, 0.3), sum 0.5
+    assert close(merged.probs, [[1 / 3, 1 / 3, 1 / 3], [0.2, 0.2, 0.6]])
+    zeros = Predictions.from_probs(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    assert close(Min()(zeros).probs, [[0.5, 0.5]])  # nothing in common: uniform, not NaN
+
+
+def test_tsharpen_powers_probabilities_not_logits():
+    merged = TSharpen(t=0.5)(MEMBERS)
+    expected = PROBS.sqrt().mean(dim=0)
+    assert close(merged.probs, (expected / expected.sum(dim=-1, keepdim=True)).tolist())
+    assert torch.isfinite(merged.probs).all()
+    assert close(TSharpen(t=1.0)(MEMBERS).probs, SoftVoting()(MEMBERS).probs.tolist())
+    with pytest.raises(UserError, match="t must be a positive number"):
+        TSharpen(t=-1)
+
+
+@pytest.mark.parametrize("cls", [Median, Min])
+def test_order_statistics_take_no_weights(cls):
+    with pytest.raises(UserError, match="takes no weights"):
+        cls([0.5, 0.5])
 
 
 def test_vote_takes_majority_and_reports_vote_shares():
@@ -104,7 +138,9 @@ def test_weighted_hard_voting():
     assert close(merged.probs[0], [0.3, 0.7, 0.0])
 
 
-@pytest.mark.parametrize("aggregator", [SoftVoting(), Max(), GeometricMean(), HardVoting()])
+@pytest.mark.parametrize(
+    "aggregator", [SoftVoting(), Max(), GeometricMean(), HardVoting(), Median(), Min(), TSharpen()]
+)
 def test_single_member_is_returned_unchanged(aggregator):
     one = Predictions(PROBS[:1], torch.tensor([[2, 0]]))
     merged = aggregator(one)
@@ -148,6 +184,9 @@ def test_normalised_weights():
         ("tta_aggregation", "max", Max),
         ("tta_aggregation", "vote", HardVoting),
         ("tta_aggregation", "gmean", GeometricMean),
+        ("tta_aggregation", "median", Median),
+        ("tta_aggregation", "min", Min),
+        ("tta_aggregation", "tsharpen", TSharpen),
         ("ensemble_aggregation", "soft_voting", SoftVoting),
         ("ensemble_aggregation", "hard_voting", HardVoting),
     ],

@@ -25,8 +25,11 @@ from ml_infer.aggregate import (
     GeometricMean,
     HardVoting,
     Max,
+    Median,
+    Min,
     Predictions,
     SoftVoting,
+    TSharpen,
     Weighted,
     normalised_weights,
 )
@@ -42,9 +45,17 @@ ATOL = 1e-6
 # float32 accumulations over up to 200 samples
 METRIC_ATOL = 1e-5
 
-SOFT = {"mean": SoftVoting, "max": Max, "gmean": GeometricMean}
+SOFT = {
+    "mean": SoftVoting,
+    "max": Max,
+    "gmean": GeometricMean,
+    "median": Median,
+    "min": Min,
+    "tsharpen": TSharpen,
+}
 WEIGHTABLE = {"mean": SoftVoting, "weighted": Weighted, "gmean": GeometricMean}
-ARGMAX_PREDS = {"mean", "weighted", "max", "gmean"}  # preds = argmax of the merged probs
+# preds = argmax of the merged probs
+ARGMAX_PREDS = {"mean", "weighted", "max", "gmean", "median", "min", "tsharpen"}
 
 # Small integers give grid rows (k / sum), arbitrary floats the rest.
 ELEMENT = st.one_of(st.integers(0, 10).map(float), st.floats(0.0, 1.0))
@@ -108,6 +119,9 @@ AGGREGATORS = [
     ("max", False),
     ("gmean", False),
     ("gmean", True),
+    ("median", False),
+    ("min", False),
+    ("tsharpen", False),
     ("vote", False),
     ("vote", True),
 ]
@@ -327,7 +341,8 @@ def test_single_member_is_returned_unchanged(name, weighted, m, dtype, weight):
 @FAST
 @given(m=members(min_members=1, max_members=1), copies=st.integers(2, 5), data=st.data())
 def test_copies_of_one_member_merge_to_that_member(name, weighted, m, copies, data):
-    """N identical members: soft aggregators give the member back, a vote its pred (all votes)."""
+    """N identical members: soft aggregators give the member back (tsharpen its p^t,
+    renormalised), a vote its pred (all votes)."""
     weights = data.draw(weights_for(copies), label="weights") if weighted else None
     single = Predictions.from_probs(m.probs[0])
     merged = make_aggregator(name, weights)(Predictions.from_probs(m.probs.expand(copies, -1, -1)))
@@ -335,6 +350,11 @@ def test_copies_of_one_member_merge_to_that_member(name, weighted, m, copies, da
         assert merged.preds.tolist() == single.preds.tolist()
         one_hot = torch.nn.functional.one_hot(single.preds, m.probs.shape[-1]).to(merged.probs)
         torch.testing.assert_close(merged.probs, one_hot, atol=ATOL, rtol=0)
+    elif name == "tsharpen":  # copies are merged like any members: p^t, renormalised
+        powered = single.probs**0.5
+        expected = powered / powered.sum(dim=-1, keepdim=True)
+        torch.testing.assert_close(merged.probs, expected, atol=ATOL, rtol=1e-5)
+        assert_argmax_up_to_float_ties(merged.preds, single.probs)
     else:
         torch.testing.assert_close(merged.probs, single.probs, atol=ATOL, rtol=1e-5)
         assert_argmax_up_to_float_ties(merged.preds, single.probs)
