@@ -83,6 +83,8 @@ def _failed(error: UserError) -> dict[str, Any]:
 def summary(metrics: dict[str, Any]) -> str:
     """A few readable lines of the figures a user compares strategies by."""
     m = metrics
+    if m["mode"] == "tune":
+        return tune_summary(m)
     speed = (
         f"  {m['images_per_s']:.0f} images/s  batch latency p50 {m['latency_ms_p50']:.1f} ms, "
         f"p95 {m['latency_ms_p95']:.1f} ms  peak memory {m['peak_mem_mb']:.0f} MB"
@@ -115,6 +117,24 @@ def summary(metrics: dict[str, Any]) -> str:
             speed,
         ]
     )
+
+
+def tune_summary(m: dict[str, Any]) -> str:
+    """What a tuning chose and how it compares with the best hand preset."""
+    hand = m["hand_preset_scores"]
+    best = min(hand, key=hand.get)
+    lines = [
+        f"tuned on {m['calibration_n']} calibration images ({m['calibration_split']}), "
+        f"objective {m['objective']} (lower is better; search {m['search_s']:.2f} s)",
+        f"  TTA: {', '.join(m['tta_chosen_views'])}: {m['tta_score']:.4f}  "
+        f"(best hand preset {best}: {hand[best]:.4f}; identity alone "
+        f"{m['view_scores']['identity']:.4f})",
+    ]
+    if "ensemble_weights" in m:
+        weights = ", ".join(f"{w:.2f}" for w in m["ensemble_weights"])
+        lines.append(f"  ensemble weights [{weights}]: {m['ensemble_score']:.4f}")
+    lines.append("  wrote " + ", ".join(m["presets"]))
+    return "\n".join(lines)
 
 
 def posthoc_lines(m: dict[str, Any]) -> list[str]:

@@ -73,10 +73,7 @@ class TemperatureScaling(Calibrator):
         self.temperature = 1.0
 
     def fit(self, logits: Tensor, labels: Tensor) -> TemperatureScaling:
-        logits = _checked(logits, labels)
-        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        _minimise([log_t], lambda: _nll(logits / log_t.exp(), labels))
-        fitted = float(log_t.detach().exp())
+        fitted = fit_temperature(logits, labels)
         low, high = TEMPERATURE_RANGE
         self.temperature = min(max(fitted, low), high)
         if self.temperature != fitted:
@@ -129,6 +126,37 @@ class VectorScaling(Calibrator):
         if self.scale is None or self.bias is None:
             return {}
         return {"vector_scale": self.scale.tolist(), "vector_bias": self.bias.tolist()}
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, max_steps: int = 50) -> float:
+    """The NLL-optimal temperature of `logits` [n, C] for `labels`, by Newton's method on the
+    inverse temperature b (the NLL of b * logits is convex in b: its second derivative is the
+    mean variance of the logits under the softmax), kept in [1/1000, 1000].
+
+    >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    >>> round(fit_temperature(logits, torch.tensor([0, 1, 1])), 3)  # one of three wrong
+    2.885
+    """
+    logits = _checked(logits, labels)
+    true_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    low, high, b = 1e-3, 1e3, 1.0
+    for _ in range(max_steps):
+        probs = (logits * b).softmax(dim=1)
+        mean = (probs * logits).sum(dim=1)
+        gradient = float((mean - true_logit).mean())
+        curvature = float((probs * (logits - mean.unsqueeze(1)) ** 2).sum(dim=1).mean())
+        if gradient > 0:  # the optimum lies below b
+            high = b
+        else:
+            low = b
+        step = b - gradient / curvature if curvature > 1e-12 else math.nan
+        # A Newton step that leaves the bracket falls back to its geometric middle.
+        b_next = step if low < step < high else math.sqrt(low * high)
+        if abs(b_next - b) <= 1e-10 * b:
+            b = b_next
+            break
+        b = b_next
+    return 1.0 / b
 
 
 CALIBRATORS: dict[str, type[Calibrator]] = {

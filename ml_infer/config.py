@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,34 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"ml_infer's conf/ folder is missing (looked beside {_PACKAGE_DIR})")
 
 
+# Presets written by `mode=tune`, relative to the working directory; conf/config.yaml puts it on
+# Hydra's search path, so `tta=<name>` finds presets/tta/<name>.yaml.
+PRESETS_DIR = Path("presets")
+# Until mode=tune first writes it, Hydra warns on every run that ./presets is missing.
+warnings.filterwarnings(
+    "ignore", message="provider=hydra.searchpath in main, path=presets is not available"
+)
+
+
 def options(group: str) -> list[str]:
-    """The option names of a config group: its yaml files, sorted.
+    """The option names of a config group: its yaml files in conf/ and in ./presets/, sorted.
 
     >>> "tta_ensemble" in options("strategy")
     True
     """
-    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
+    return sorted({path.stem for path in _group_dirs(group) for path in path.glob("*.yaml")})
+
+
+def group_file(group: str, name: str) -> Path:
+    """The yaml file of option `name` of `group` (conf/ first, then ./presets/)."""
+    for folder in _group_dirs(group):
+        if (folder / f"{name}.yaml").is_file():
+            return folder / f"{name}.yaml"
+    raise one_of(group, name, options(group))
+
+
+def _group_dirs(group: str) -> list[Path]:
+    return [conf_dir() / group, PRESETS_DIR / group]
 
 
 def plain_dict(node: Any) -> dict[str, Any]:
@@ -75,7 +97,7 @@ def instantiate_named(group: str, entry: Any, kind: str, **kwargs: Any) -> Any:
     valid = options(group)
     if name not in valid:
         raise one_of(kind, name, valid)
-    return instantiate(OmegaConf.load(conf_dir() / group / f"{name}.yaml"), **kwargs)
+    return instantiate(OmegaConf.load(group_file(group, name)), **kwargs)
 
 
 # Overrides shared by every run of a sweep, or only about where things go: not part of a label.

@@ -21,7 +21,7 @@ from torch import Tensor
 from ml_infer.aggregate import Aggregator
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
-from ml_infer.bank import expand_checkpoint_paths, load_ensemble
+from ml_infer.bank import Classifier, expand_checkpoint_paths, load_ensemble
 from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
@@ -39,7 +39,7 @@ from ml_infer.store import open_store
 
 log = logging.getLogger(__name__)
 
-MODES = ("evaluate", "predict")
+MODES = ("evaluate", "predict", "tune")
 
 
 @dataclasses.dataclass
@@ -94,6 +94,8 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     strategy = cfg.strategy
     if cfg.mode not in MODES:
         raise one_of("mode", cfg.mode, MODES)
+    if cfg.mode == "tune":
+        raise UserError("mode=tune chooses presets and scores nothing: run python -m ml_infer.tune")
     if strategy.runner not in RUNNERS:
         raise one_of("strategy.runner", strategy.runner, RUNNERS)
     if cfg.mode == "predict" and not cfg.predict.root:
@@ -108,26 +110,14 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     )
 
     torch.manual_seed(cfg.seed)
-    checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
-    input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
-    dataset = _load_data(cfg, input_spec)
-    split: CalibrationSplit | None = None
-    if needs_calibration_split(cfg):
-        split = calibration_split(cfg, dataset, _fit_of(input_spec))
-        dataset = split.scored
-    members = load_ensemble(
-        checkpoints,
-        use_ema=cfg.use_ema,
-        model_config=None if cfg.get("model") is None else plain_dict(cfg.model),
-        classes=checkpoints[0].classes or cfg.checkpoint.classes or dataset.classes,
-        input_spec=input_spec,
-        allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
+    loaded = load_inputs(cfg, checkpoint_paths, with_calibration=needs_calibration_split(cfg))
+    members, input_spec, dataset, split = (
+        loaded.members,
+        loaded.input_spec,
+        loaded.dataset,
+        loaded.split,
     )
     classes = members[0].classes
-    if cfg.mode == "evaluate":
-        check_same_classes(dataset.classes, classes)
-    if split is not None:
-        check_same_classes(split.calibration.classes, classes)
     engine = EngineSettings.from_config(cfg.engine)
     predictor = Predictor(
         [member.model for member in members],
@@ -252,6 +242,45 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         posthoc,
         None if split is None else list(split.calibration.sample_ids),
     )
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a run reads: its checkpoints' models, their input, the images to score (or predict)
+    and, when asked for, the calibration split (with the scored images it leaves)."""
+
+    members: list[Classifier]
+    input_spec: InputSpec
+    dataset: TensorImages
+    split: CalibrationSplit | None
+
+
+def load_inputs(
+    cfg: DictConfig, checkpoint_paths: Sequence[Path], *, with_calibration: bool
+) -> Inputs:
+    """Opens the checkpoints, loads the data at their input size, takes the calibration split,
+    builds the models, and checks that every split's classes are the models'."""
+    checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
+    input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
+    dataset = _load_data(cfg, input_spec)
+    split = None
+    if with_calibration:
+        split = calibration_split(cfg, dataset, _fit_of(input_spec))
+        dataset = split.scored
+    members = load_ensemble(
+        checkpoints,
+        use_ema=cfg.use_ema,
+        model_config=None if cfg.get("model") is None else plain_dict(cfg.model),
+        classes=checkpoints[0].classes or cfg.checkpoint.classes or dataset.classes,
+        input_spec=input_spec,
+        allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
+    )
+    classes = members[0].classes
+    if cfg.mode != "predict":
+        check_same_classes(dataset.classes, classes)
+    if split is not None:
+        check_same_classes(split.calibration.classes, classes)
+    return Inputs(list(members), input_spec, dataset, split)
 
 
 def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:

@@ -27,6 +27,10 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
     run directory) and logs it to the tracking store; returns what `metrics.json` holds (empty
     on the helper processes of a multi-process run)."""
     run_dir = Path(output_dir) if output_dir is not None else hydra_run_dir()
+    if cfg.mode == "tune":  # chooses presets; nothing is scored or tracked
+        from ml_infer.tune import tune
+
+        return tune(cfg, run_dir).metrics
     if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
         preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
     evaluation = evaluate(cfg)

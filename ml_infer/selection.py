@@ -1,0 +1,159 @@
+"""Greedy selection over candidate outputs on a calibration split: which views (a TTA policy)
+or which members (an ensemble) to merge, by forward selection on an objective.
+
+Candidates are probabilities [P, n, C]; a selection is a multiset of candidates, merged by their
+mean. Two searches use it:
+
+- TTA policy: forward selection without replacement from the identity view, stopping when no
+  view improves the objective (Lyzhov et al. 2020, Greedy Policy Search, whose objective is
+  the calibrated log-likelihood).
+- Ensemble: Caruana et al. (2004) forward selection with replacement from the best few members
+  (sorted initialisation), a fixed number of steps, keeping the best prefix; optionally bagged
+  over random halves of the members. Counts become weights.
+
+Objectives are to be minimised: `nll` is the NLL after a temperature fitted on the same
+outputs (so a selection is judged by what calibration can make of it, as GPS does), `accuracy`
+is minus the accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ml_infer.calibrate import TEMPERATURE_RANGE, fit_temperature, log_probs_as_logits
+from ml_infer.errors import one_of
+
+OBJECTIVES = ("nll", "accuracy")
+
+
+def objective(probs: Tensor, labels: Tensor, name: str) -> float:
+    """The objective of merged probabilities [n, C] (lower is better).
+
+    >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    >>> objective(probs, torch.tensor([0, 1]), "accuracy")
+    -1.0
+    """
+    if name == "accuracy":
+        return -float((probs.argmax(dim=1) == labels).double().mean())
+    if name != "nll":
+        raise one_of("tune.objective", name, OBJECTIVES)
+    logits = log_probs_as_logits(probs)
+    low, high = TEMPERATURE_RANGE  # the range calibration=temperature holds T in
+    temperature = min(max(fit_temperature(logits, labels), low), high)
+    return float(torch.nn.functional.cross_entropy(logits / temperature, labels))
+
+
+@dataclasses.dataclass
+class Selection:
+    """Chosen candidates (indices, repeats allowed) in the order chosen, the objective of their
+    mean, and the objective after each step (the start first)."""
+
+    chosen: list[int]
+    score: float
+    trajectory: list[float]
+
+    def counts(self, n_candidates: int) -> list[int]:
+        return [self.chosen.count(index) for index in range(n_candidates)]
+
+
+def forward_select(
+    candidates: Tensor,
+    labels: Tensor,
+    name: str,
+    *,
+    start: Sequence[int],
+    with_replacement: bool,
+    max_steps: int,
+    stop_when_worse: bool,
+) -> Selection:
+    """Adds, step by step, the candidate whose addition gives the best objective. Without
+    `stop_when_worse`, runs all `max_steps` and returns the best prefix (Caruana)."""
+    chosen = list(start)
+    total = candidates[chosen].double().sum(dim=0)
+    score = objective(total / len(chosen), labels, name)
+    trajectory = [score]
+    best = Selection(list(chosen), score, list(trajectory))
+    for _ in range(max_steps):
+        options = [
+            index for index in range(len(candidates)) if with_replacement or index not in chosen
+        ]
+        if not options:
+            break
+        scores = [
+            objective((total + candidates[index]) / (len(chosen) + 1), labels, name)
+            for index in options
+        ]
+        step = min(range(len(options)), key=lambda i: (scores[i], options[i]))
+        if stop_when_worse and scores[step] >= best.score - 1e-9:
+            break
+        chosen.append(options[step])
+        total = total + candidates[options[step]]
+        trajectory.append(scores[step])
+        if scores[step] < best.score - 1e-12:
+            best = Selection(list(chosen), scores[step], list(trajectory))
+    best.trajectory = trajectory
+    return best
+
+
+def greedy_policy(candidates: Tensor, labels: Tensor, name: str, max_views: int) -> Selection:
+    """Views without replacement from the identity (candidate 0), while the objective improves."""
+    return forward_select(
+        candidates,
+        labels,
+        name,
+        start=[0],
+        with_replacement=False,
+        max_steps=max(0, max_views - 1),
+        stop_when_worse=True,
+    )
+
+
+def caruana(
+    candidates: Tensor,
+    labels: Tensor,
+    name: str,
+    *,
+    steps: int,
+    init: int = 1,
+    bags: int = 0,
+    seed: int = 0,
+) -> list[float]:
+    """Member weights by Caruana et al.'s ensemble selection: with replacement, from the best
+    `init` members, `steps` steps, the best prefix; with `bags`, the counts of that many runs
+    on random halves of the members are summed. Weights sum to 1.
+
+    >>> probs = torch.tensor([[[0.9, 0.1]], [[0.4, 0.6]], [[0.6, 0.4]]])
+    >>> caruana(probs, torch.tensor([0]), "accuracy", steps=3)
+    [1.0, 0.0, 0.0]
+    """
+    n_candidates = len(candidates)
+    alone = [objective(candidates[index], labels, name) for index in range(n_candidates)]
+    ranked = sorted(range(n_candidates), key=lambda index: (alone[index], index))
+    pools = [list(range(n_candidates))]
+    if bags:
+        generator = torch.Generator().manual_seed(seed)
+        half = max(1, n_candidates // 2)
+        pools = [
+            sorted(torch.randperm(n_candidates, generator=generator)[:half].tolist())
+            for _ in range(bags)
+        ]
+    counts = [0] * n_candidates
+    for pool in pools:
+        start = [index for index in ranked if index in pool][: max(1, init)]
+        selection = forward_select(
+            candidates[pool],
+            labels,
+            name,
+            start=[pool.index(index) for index in start],
+            with_replacement=True,
+            max_steps=steps,
+            stop_when_worse=False,
+        )
+        for local, count in enumerate(selection.counts(len(pool))):
+            counts[pool[local]] += count
+    total = sum(counts)
+    return [count / total for count in counts]

@@ -1,0 +1,288 @@
+"""`python -m ml_infer.tune [overrides]` (= `python -m ml_infer mode=tune`): choose a TTA policy
+and an ensemble on the calibration split, and write them as presets a later run names.
+
+    python -m ml_infer.tune data=textures            # -> presets/{tta,ensemble,strategy}/tuned.yaml
+    python -m ml_infer data=textures strategy=tuned  # the tuned TTA x tuned ensemble
+
+Reads only the calibration split (the data's val split, `data.val_root`, or
+`calibration.holdout_fraction` of the test split): the outputs of every checkpoint of
+`ensemble.checkpoints` under every registered augmentation's views, from the prediction store.
+The scored split's images and labels are never read by a selection.
+
+- TTA: greedy forward selection of views (`selection.greedy_policy`); every hand preset in
+  conf/tta/ is scored the same way, and when one scores better on the calibration split, it is
+  written instead (the tuned policy is never worse there).
+- Ensemble (several checkpoints): Caruana selection with replacement (`selection.caruana`),
+  written as checkpoints and weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from ml_infer.aggregate import Predictions, SoftVoting
+from ml_infer.assemble import StoreKeys, assemble
+from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.config import conf_dir, instantiate_named, options
+from ml_infer.errors import UserError, one_of
+from ml_infer.evaluate import build_views, load_inputs
+from ml_infer.outputs import atomic_write, sweep_dir, write_json
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.runners import build_runner
+from ml_infer.selection import OBJECTIVES, caruana, greedy_policy, objective
+from ml_infer.store import open_store
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "identity"
+
+
+@dataclasses.dataclass
+class Tuned:
+    """What a tuning chose, its scores on the calibration split, and the files it wrote."""
+
+    metrics: dict[str, Any]
+    written: list[Path]
+
+
+def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
+    """Chooses views and members on the calibration split; writes the presets and the run's
+    `metrics.json` (what was chosen, how every candidate and hand preset scored)."""
+    settings = cfg.tune
+    if settings.objective not in OBJECTIVES:
+        raise one_of("tune.objective", settings.objective, OBJECTIVES)
+    name = str(settings.name)
+    if not name.isidentifier():
+        raise UserError(f"tune.name must be a plain name (letters, digits, _), got {name!r}")
+    pool = build_views(options("augmentation"))
+    checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
+    runner = build_runner("single", cfg.device)
+    torch.manual_seed(cfg.seed)
+    inputs = load_inputs(cfg, checkpoint_paths, with_calibration=True)
+    assert inputs.split is not None
+    calibration = inputs.split.calibration
+    predictor = Predictor(
+        [member.model for member in inputs.members],
+        pool,
+        SoftVoting(),
+        SoftVoting(),
+        inputs.input_spec,
+        device=runner.device,
+        autocast_dtype=None,
+        engine=EngineSettings.from_config(cfg.engine),
+        member_names=[f"checkpoint {member.path}" for member in inputs.members],
+    )
+    log.info(
+        "tuning on %d calibration images (%s): %d view(s) x %d checkpoint(s)",
+        len(calibration),
+        inputs.split.source,
+        len(pool),
+        len(inputs.members),
+    )
+    assembled = assemble(
+        predictor,
+        StoreKeys.of(predictor, inputs.members, calibration),
+        open_store(cfg.engine.store, sweep_dir(), cfg.engine.store_dtype),
+        runner,
+        runner.loader(calibration, batch_size=cfg.data.batch_size, num_workers=0),
+        progress=cfg.engine.progress,
+        with_baseline=False,
+    )
+    assert assembled.logits is not None
+    if not torch.isfinite(assembled.logits).all():
+        raise UserError("a model gave NaN or infinite outputs on the calibration split")
+    probs = assembled.logits.softmax(dim=-1)  # [M, K, n, C]
+    labels = calibration.labels
+    views = list(pool.names)
+    started = time.perf_counter()
+    per_view = probs.mean(dim=0)  # each view, the checkpoints averaged: [K, n, C]
+    policy = greedy_policy(per_view, labels, settings.objective, int(settings.max_views))
+    chosen_views = [views[index] for index in policy.chosen]
+    hand = {
+        preset: _preset_score(preset, probs, views, labels, settings.objective)
+        for preset in options_in_conf("tta")
+    }
+    best_hand = min(hand, key=lambda preset: hand[preset])
+    found: dict[str, Any] = {
+        "mode": "tune",
+        "objective": settings.objective,
+        "calibration_split": inputs.split.source,
+        "calibration_n": len(calibration),
+        "candidate_views": views,
+        "view_scores": {
+            view: objective(per_view[k], labels, settings.objective) for k, view in enumerate(views)
+        },
+        "hand_preset_scores": hand,
+        "tta_chosen_views": chosen_views,
+        "tta_score": policy.score,
+        "tta_trajectory": policy.trajectory,
+    }
+    tta_entries: list[Any] = [_view_entry(view) for view in chosen_views if view != IDENTITY]
+    aggregation = "mean"
+    if hand[best_hand] < policy.score - 1e-9:  # a tie keeps the tuned policy
+        preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{best_hand}.yaml")
+        tta_entries = list(preset_cfg.augmentations or [])
+        aggregation = str(preset_cfg.aggregation)
+        found["tta_chosen_views"] = ["(hand preset)", best_hand]
+        found["tta_score"] = hand[best_hand]
+    weights = None
+    if len(inputs.members) > 1:
+        identity = views.index(IDENTITY)
+        weights = caruana(
+            probs[:, identity],
+            labels,
+            settings.objective,
+            steps=int(settings.ensemble_steps),
+            init=int(settings.ensemble_init),
+            bags=int(settings.bags),
+            seed=int(cfg.seed),
+        )
+        merged = (probs[:, identity] * torch.tensor(weights).view(-1, 1, 1)).sum(dim=0)
+        found["ensemble_weights"] = weights
+        found["ensemble_score"] = objective(merged, labels, settings.objective)
+        found["member_scores"] = {
+            str(member.path): objective(probs[m, identity], labels, settings.objective)
+            for m, member in enumerate(inputs.members)
+        }
+    found["search_s"] = time.perf_counter() - started
+    provenance = {
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+        "data": f"{cfg.data.name}, calibration split: {inputs.split.source}",
+        "calibration_images": len(calibration),
+        "objective": f"{settings.objective} on the calibration split",
+        "checkpoints": [
+            {"path": str(member.path), "sha256": member.sha256} for member in inputs.members
+        ],
+    }
+    written = write_presets(
+        Path(str(settings.presets_dir)),
+        name,
+        tta_entries,
+        aggregation,
+        inputs.members,
+        weights,
+        provenance | {"tta_val_score": found["tta_score"]},
+        found.get("ensemble_score"),
+    )
+    found["presets"] = [str(path) for path in written]
+    write_json(run_dir / "metrics.json", found)
+    return Tuned(found, written)
+
+
+def options_in_conf(group: str) -> list[str]:
+    """The hand-written options of a group (conf/ only, not earlier tunings' presets)."""
+    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
+
+
+def _preset_score(preset: str, probs: Tensor, views: list[str], labels: Tensor, name: str) -> float:
+    """A hand TTA preset on the calibration split: its views, its aggregation per checkpoint,
+    the checkpoints averaged."""
+    preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{preset}.yaml")
+    preset_views = build_views(preset_cfg.augmentations or []).names
+    aggregator = instantiate_named("tta_aggregation", preset_cfg.aggregation, "TTA aggregation")
+    indices = [views.index(view) for view in preset_views]
+    per_member = torch.stack(
+        [aggregator(Predictions.from_probs(member[indices])).probs for member in probs]
+    )
+    return objective(per_member.mean(dim=0), labels, name)
+
+
+def _view_entry(view: str) -> Any:
+    """A view as a `tta.augmentations` entry: a geometric view by its augmentation's name, an
+    intensity view as its augmentation with that one factor."""
+    if view in options("augmentation"):
+        return view
+    augmentation, _, factor = view.rpartition("_")
+    loaded = OmegaConf.to_container(
+        OmegaConf.load(conf_dir() / "augmentation" / f"{augmentation}.yaml")
+    )
+    target = loaded.get("_target_") if isinstance(loaded, dict) else None
+    return {"_target_": str(target), "factors": [float(factor)]}
+
+
+def write_presets(
+    presets_dir: Path,
+    name: str,
+    tta_entries: list[Any],
+    aggregation: str,
+    members: list[Any],
+    weights: list[float] | None,
+    provenance: dict[str, Any],
+    ensemble_score: float | None,
+) -> list[Path]:
+    """<presets_dir>/tta/<name>.yaml, ensemble/<name>.yaml (several checkpoints) and
+    strategy/<name>.yaml (the two together), each written whole."""
+    written = []
+    tta = {"augmentations": tta_entries, "aggregation": aggregation, "provenance": provenance}
+    written.append(_write(presets_dir / "tta" / f"{name}.yaml", tta, "TTA policy"))
+    ensemble_choice = "single"
+    if weights is not None:
+        kept = [(str(member.path), w) for member, w in zip(members, weights, strict=True) if w]
+        ensemble = {
+            "checkpoints": [path for path, _ in kept],
+            "aggregation": "weighted",
+            "weights": [round(w, 6) for _, w in kept],
+            "allow_mixed_architectures": False,
+            "provenance": provenance | {"ensemble_val_score": ensemble_score},
+        }
+        written.append(_write(presets_dir / "ensemble" / f"{name}.yaml", ensemble, "ensemble"))
+        ensemble_choice = name
+    strategy = {
+        "defaults": [{"override /tta": name}, {"override /ensemble": ensemble_choice}],
+        "strategy": {
+            "name": name,
+            "precision": "fp32",
+            "autocast_dtype": "auto",
+            "runner": "single",
+        },
+    }
+    written.append(
+        _write(presets_dir / "strategy" / f"{name}.yaml", strategy, "strategy", package=True)
+    )
+    return written
+
+
+def _write(path: Path, content: dict[str, Any], what: str, package: bool = False) -> Path:
+    import yaml
+
+    header = f"# {what} written by `python -m ml_infer.tune` (see provenance)\n"
+    if package:
+        header = "# @package _global_\n" + header
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(header + yaml.safe_dump(_escaped(content), sort_keys=False))
+    return path
+
+
+def _escaped(value: Any) -> Any:
+    """Strings with `${` escaped, so that Hydra reads a path as that text, never an
+    interpolation."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value
+
+
+def main() -> None:
+    """`python -m ml_infer.tune ...` is `python -m ml_infer mode=tune ...`."""
+    import runpy
+
+    sys.argv = [sys.argv[0], "mode=tune", *sys.argv[1:]]
+    runpy.run_module("ml_infer", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
