@@ -4,9 +4,9 @@ or which members (an ensemble) to merge, by forward selection on an objective.
 Candidates are probabilities [P, n, C]; a selection is a multiset of candidates, merged by their
 mean. Two searches use it:
 
-- TTA policy: forward selection without replacement from the identity view, stopping when no
-  view improves the objective (Lyzhov et al. 2020, Greedy Policy Search, whose objective is
-  the calibrated log-likelihood).
+- TTA policy: forward selection without replacement from the identity view (Lyzhov et al.
+  2020, Greedy Policy Search, whose objective is the calibrated log-likelihood), its order
+  found on one half of the split and its length chosen on the other.
 - Ensemble: Caruana et al. (2004) forward selection with replacement from the best few members
   (sorted initialisation), a fixed number of steps, keeping the best prefix; optionally bagged
   over random halves of the members. Counts become weights.
@@ -43,8 +43,18 @@ def objective(probs: Tensor, labels: Tensor, name: str) -> float:
         raise one_of("tune.objective", name, OBJECTIVES)
     logits = log_probs_as_logits(probs)
     low, high = TEMPERATURE_RANGE  # the range calibration=temperature holds T in
-    temperature = min(max(fit_temperature(logits, labels), low), high)
-    return float(torch.nn.functional.cross_entropy(logits / temperature, labels))
+    halves = (torch.arange(len(labels)) % 2).bool()
+    total = 0.0
+    for fit_on in (halves, ~halves):  # each half scored with the other half's temperature
+        temperature = fit_temperature(logits[fit_on], labels[fit_on])
+        temperature = min(max(temperature, low), high)
+        scored = ~fit_on
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[scored] / temperature, labels[scored], reduction="sum"
+            )
+        )
+    return total / len(labels)
 
 
 @dataclasses.dataclass
@@ -55,6 +65,7 @@ class Selection:
     chosen: list[int]
     score: float
     trajectory: list[float]
+    steps: list[int] = dataclasses.field(default_factory=list)  # every candidate added, in order
 
     def counts(self, n_candidates: int) -> list[int]:
         return [self.chosen.count(index) for index in range(n_candidates)]
@@ -76,7 +87,7 @@ def forward_select(
     total = candidates[chosen].double().sum(dim=0)
     score = objective(total / len(chosen), labels, name)
     trajectory = [score]
-    best = Selection(list(chosen), score, list(trajectory))
+    best = Selection(list(chosen), score, list(trajectory), [])
     for _ in range(max_steps):
         options = [
             index for index in range(len(candidates)) if with_replacement or index not in chosen
@@ -91,24 +102,45 @@ def forward_select(
         if stop_when_worse and scores[step] >= best.score - 1e-9:
             break
         chosen.append(options[step])
+        best.steps.append(options[step])
         total = total + candidates[options[step]]
         trajectory.append(scores[step])
         if scores[step] < best.score - 1e-12:
-            best = Selection(list(chosen), scores[step], list(trajectory))
+            best = Selection(list(chosen), scores[step], list(trajectory), best.steps)
     best.trajectory = trajectory
     return best
 
 
 def greedy_policy(candidates: Tensor, labels: Tensor, name: str, max_views: int) -> Selection:
-    """Views without replacement from the identity (candidate 0), while the objective improves."""
-    return forward_select(
-        candidates,
-        labels,
+    """Views without replacement from the identity (candidate 0). The order is found on one half
+    of the images (stratified, fixed), and the other half chooses how long a prefix of it to
+    keep (ties: the shorter): a view must help images its choice never saw. On digits' 180
+    validation images, choosing and stopping on the same images kept rotate_180 and
+    horizontal_flip, which cost test NLL (0.045 against identity's 0.041 once calibrated).
+    """
+    from ml_infer.calsplit import stratified_holdout
+
+    choose_on, confirm_on = stratified_holdout(labels.tolist(), 0.5, seed=0)
+    order = forward_select(
+        candidates[:, choose_on],
+        labels[choose_on],
         name,
         start=[0],
         with_replacement=False,
         max_steps=max(0, max_views - 1),
-        stop_when_worse=True,
+        stop_when_worse=False,
+    )
+    sequence = [0, *order.steps]
+    confirmed = [
+        objective(
+            candidates[sequence[:length], :][:, confirm_on].mean(dim=0), labels[confirm_on], name
+        )
+        for length in range(1, len(sequence) + 1)
+    ]
+    length = min(range(len(confirmed)), key=lambda i: (confirmed[i], i)) + 1
+    kept = sequence[:length]
+    return Selection(
+        kept, objective(candidates[kept].mean(dim=0), labels, name), confirmed, sequence
     )
 
 

@@ -106,8 +106,13 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
     views = list(pool.names)
     started = time.perf_counter()
     per_view = probs.mean(dim=0)  # each view, the checkpoints averaged: [K, n, C]
-    policy = greedy_policy(per_view, labels, settings.objective, int(settings.max_views))
-    chosen_views = [views[index] for index in policy.chosen]
+    kept = (
+        label_preserving(per_view, labels, views.index(IDENTITY))
+        if settings.screen
+        else list(range(len(views)))
+    )
+    policy = greedy_policy(per_view[kept], labels, settings.objective, int(settings.max_views))
+    chosen_views = [views[kept[index]] for index in policy.chosen]
     hand = {
         preset: _preset_score(preset, probs, views, labels, settings.objective)
         for preset in options_in_conf("tta")
@@ -123,6 +128,7 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
             view: objective(per_view[k], labels, settings.objective) for k, view in enumerate(views)
         },
         "hand_preset_scores": hand,
+        "screened_out": [view for k, view in enumerate(views) if k not in kept],
         "tta_chosen_views": chosen_views,
         "tta_score": policy.score,
         "tta_trajectory": policy.trajectory,
@@ -177,6 +183,24 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
     found["presets"] = [str(path) for path in written]
     write_json(run_dir / "metrics.json", found)
     return Tuned(found, written)
+
+
+def label_preserving(per_view: Tensor, labels: Tensor, identity: int) -> list[int]:
+    """The views whose accuracy alone is not significantly below the identity's on these
+    images (McNemar p < 0.05 and lower), identity first: a view that alone scores far below
+    it changes labels on this data (a mirrored 3 is no 3), whatever averaging it in does to a
+    small split's NLL."""
+    from ml_infer.metrics import mcnemar_p_value
+
+    right = per_view.argmax(dim=-1) == labels  # [K, n]
+    kept = [identity]
+    for k in range(len(per_view)):
+        if k == identity:
+            continue
+        worse = right[k].double().mean() < right[identity].double().mean()
+        if not (worse and mcnemar_p_value(right[k], right[identity]) < 0.05):
+            kept.append(k)
+    return kept
 
 
 def options_in_conf(group: str) -> list[str]:
