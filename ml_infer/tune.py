@@ -9,8 +9,9 @@ Reads only the calibration split (the data's val split, `data.val_root`, or
 `ensemble.checkpoints` under every registered augmentation's views, from the prediction store.
 The scored split's images and labels are never read by a selection.
 
-- TTA: greedy forward selection of views (`selection.greedy_policy`); every hand preset in
-  conf/tta/ is scored the same way, and when one scores better on the calibration split, it is
+- TTA: greedy forward selection of views (`selection.greedy_policy`) among those not screened
+  out as label-changing (`label_preserving`); every hand preset in conf/tta/ is scored the same
+  way, and when one without a screened-out view scores better on the calibration split, it is
   written instead (the tuned policy is never worse there).
 - Ensemble (several checkpoints): Caruana selection with replacement (`selection.caruana`),
   written as checkpoints and weights.
@@ -117,7 +118,9 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
         preset: _preset_score(preset, probs, views, labels, settings.objective)
         for preset in options_in_conf("tta")
     }
-    best_hand = min(hand, key=lambda preset: hand[preset])
+    screened = {views[k] for k in range(len(views)) if k not in kept}
+    eligible = [p for p in hand if not screened & set(_preset_views(p))] or ["none"]
+    best_hand = min(eligible, key=lambda preset: hand[preset])
     found: dict[str, Any] = {
         "mode": "tune",
         "objective": settings.objective,
@@ -208,11 +211,16 @@ def options_in_conf(group: str) -> list[str]:
     return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
 
 
+def _preset_views(preset: str) -> tuple[str, ...]:
+    preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{preset}.yaml")
+    return tuple(build_views(preset_cfg.augmentations or []).names)
+
+
 def _preset_score(preset: str, probs: Tensor, views: list[str], labels: Tensor, name: str) -> float:
     """A hand TTA preset on the calibration split: its views, its aggregation per checkpoint,
     the checkpoints averaged."""
     preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{preset}.yaml")
-    preset_views = build_views(preset_cfg.augmentations or []).names
+    preset_views = _preset_views(preset)
     aggregator = instantiate_named("tta_aggregation", preset_cfg.aggregation, "TTA aggregation")
     indices = [views.index(view) for view in preset_views]
     per_member = torch.stack(
