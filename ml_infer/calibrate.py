@@ -107,7 +107,7 @@ class VectorScaling(Calibrator):
         n_classes = logits.shape[-1]
         scale = torch.ones(n_classes, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-        _minimise([scale, bias], lambda: _nll(logits * scale + bias, labels))
+        minimise([scale, bias], lambda: _nll(logits * scale + bias, labels))
         self.scale, self.bias = scale.detach(), bias.detach()
         if bool((logits.argmax(dim=1) == labels).all()):
             log.warning(
@@ -190,7 +190,7 @@ def _nll(logits: Tensor, labels: Tensor) -> Tensor:
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
-def _minimise(parameters: list[Tensor], loss_of: object) -> None:
+def minimise(parameters: list[Tensor], loss_of: object) -> None:
     """L-BFGS with a strong-Wolfe line search: a few dozen evaluations for these convex fits."""
     optimiser = torch.optim.LBFGS(
         parameters, lr=1.0, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe"

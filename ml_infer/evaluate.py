@@ -29,6 +29,7 @@ from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
 from ml_infer.inputs import InputSpec
+from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
 from ml_infer.posthoc import PostHoc, check_settings, fit_and_apply
@@ -110,7 +111,10 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     )
 
     torch.manual_seed(cfg.seed)
-    loaded = load_inputs(cfg, checkpoint_paths, with_calibration=needs_calibration_split(cfg))
+    fits_views = isinstance(view_aggregator, LearnedWeights)  # tta.aggregation=learned
+    loaded = load_inputs(
+        cfg, checkpoint_paths, with_calibration=needs_calibration_split(cfg) or fits_views
+    )
     members, input_spec, dataset, split = (
         loaded.members,
         loaded.input_spec,
@@ -168,6 +172,15 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
             progress=cfg.engine.progress,
             with_baseline=False,
         )
+    if (
+        isinstance(view_aggregator, LearnedWeights)
+        and calibration_logits is not None
+        and calibration_logits.logits is not None
+    ):
+        assert split is not None
+        view_aggregator.fit(
+            calibration_logits.logits.softmax(dim=-1), split.calibration.labels, views.names
+        )
     merged = predictor.merge(assembled.logits) if assembled.logits is not None else None
     # Checked on every process (the main one's counts), so that they stop together or not at all.
     predictor.check_finite(len(dataset), lambda counts: torch.tensor(runner.agree(counts.tolist())))
@@ -216,6 +229,9 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
             f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
             f"on {cfg.data.name}/{cfg.data.split}"
         )
+    if isinstance(view_aggregator, LearnedWeights):
+        metrics["tta_weights"] = view_aggregator.weights_by_view()
+        metrics["tta_temperature"] = view_aggregator.temperature
     posthoc = None
     if split is not None:
         assert calibration_logits is not None and calibration_logits.logits is not None

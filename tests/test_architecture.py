@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"device"},
     {"inputs"},
     {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
-    {"bank", "data"},
+    {"bank", "data", "learned"},
     {"predictor", "calsplit"},
     {"passes"},
     {"runners"},

@@ -184,7 +184,22 @@ def test_poisoned_test_labels_change_no_selection_and_no_weight(runs_dir, tmp_pa
         }
         for content in presets.values():
             content.get("provenance", {}).pop("data", None)
-        choices.append((metrics, presets))
+        from ml_infer.task import run_evaluation
+
+        learned = run_evaluation(
+            compose_config(
+                [
+                    "data=imagefolder",
+                    f"data.root={root}",
+                    "strategy=tta",
+                    "tta.aggregation=learned",
+                    "engine.store=off",
+                ],
+                runs_dir=runs_dir,
+            ),
+            output_dir=out / "learned",
+        )
+        choices.append((metrics, presets, learned["tta_weights"]))
         shutil.rmtree(root)
     assert choices[0] == choices[1]
 
@@ -194,3 +209,56 @@ def test_bad_tuning_settings_are_one_line_errors(runs_dir, tmp_path):
         tune(runs_dir, tmp_path, "tune.objective=auc")
     with pytest.raises(UserError, match="tune.name must be a plain name"):
         tune(runs_dir, tmp_path, "tune.name=../evil")
+
+
+def test_learned_weights_go_to_the_view_that_carries_the_labels():
+    from ml_infer.learned import LearnedWeights
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (400,), generator=generator)
+    informative = torch.nn.functional.one_hot(labels, 3).double() * 0.7 + 0.1
+    noise = torch.rand(400, 3, generator=generator, dtype=torch.float64)
+    noise = noise / noise.sum(dim=1, keepdim=True)
+    probs = torch.stack([noise, informative, noise.roll(1, dims=1)]).unsqueeze(0)  # [1, 3, n, C]
+    for mode in ("views", "views_x_classes"):
+        fitted = LearnedWeights(mode).fit(probs, labels, ["identity", "good", "bad"])
+        weights = fitted.weights_by_view()
+        assert sum(weights.values()) == pytest.approx(1.0)
+        assert min(weights.values()) >= 0 and weights["good"] == max(weights.values()), weights
+        merged = fitted(Predictions_of(probs[0]))
+        assert bool((merged.preds == labels).all()), mode  # the noise views outvoted
+    without_temperature = LearnedWeights("views", temperature=False)
+    without_temperature.fit(probs, labels, ["identity", "good", "bad"])
+    assert without_temperature.temperature == 1.0
+    assert without_temperature.weights_by_view()["good"] > 0.9
+    beta = LearnedWeights("beta").fit(probs, labels, ["identity", "good", "bad"])
+    shares = beta.weights_by_view()
+    assert shares["good"] == pytest.approx(shares["bad"]) and shares["identity"] < 0.5
+    merged = beta(Predictions_of(probs[0]))
+    assert torch.allclose(merged.probs.sum(dim=1), torch.ones(400, dtype=merged.probs.dtype))
+
+
+def Predictions_of(probs: torch.Tensor):
+    from ml_infer.aggregate import Predictions
+
+    return Predictions.from_probs(probs)
+
+
+@pytest.mark.slow
+def test_learned_aggregation_of_the_seeds_views_on_digits(runs_dir, tmp_path):
+    from ml_infer.task import run_evaluation
+
+    standard = run_evaluation(compose_config([], runs_dir=runs_dir), output_dir=tmp_path / "s")
+    learned = run_evaluation(
+        compose_config(["strategy=tta", "tta.aggregation=learned"], runs_dir=runs_dir),
+        output_dir=tmp_path / "l",
+    )
+    assert learned["accuracy"] >= standard["accuracy"] and learned["ece"] <= 0.05
+    weights = learned["tta_weights"]
+    assert len(weights) == 10 and sum(weights.values()) == pytest.approx(1.0)
+    assert 0 < learned["tta_temperature"] < 1  # ten views' mean is under-confident
+    # The mean of the same views, for contrast: label-changing views wreck its calibration.
+    mean = run_evaluation(
+        compose_config(["strategy=tta"], runs_dir=runs_dir), output_dir=tmp_path / "m"
+    )
+    assert mean["ece"] > 0.2
