@@ -105,7 +105,7 @@ def summary(metrics: dict[str, Any]) -> str:
         [
             f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): "
             f"{m['views']} view(s) x "
-            f"{m['models']} model(s) = {m['forward_passes_per_image']} forward passes per image, "
+            f"{m['models']} model(s) = {m['forward_passes_per_image']:g} forward passes per image, "
             f"{m['precision']} on {m['device']}",
             f"  accuracy {m['accuracy']:.4f} (95% CI {m['accuracy_ci95_low']:.4f}-"
             f"{m['accuracy_ci95_high']:.4f})  macro-F1 {m['macro_f1']:.4f}  NLL {m['nll']:.4f}  "

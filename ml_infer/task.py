@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ml_infer.errors import UserError
-from ml_infer.evaluate import evaluate
+from ml_infer.evaluate import Evaluation, evaluate
 from ml_infer.record import write_run
 from ml_infer.tracking import TrackingFailed, log_evaluation, preflight
 
@@ -33,7 +33,13 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
         return tune(cfg, run_dir).metrics
     if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
         preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
-    evaluation = evaluate(cfg)
+    evaluation: Evaluation | None
+    if cfg.get("cascade") is not None:
+        from ml_infer.cascade_eval import evaluate_cascade
+
+        evaluation = evaluate_cascade(cfg)
+    else:
+        evaluation = evaluate(cfg)
     if evaluation is None:
         return {}
     write_run(evaluation, run_dir)

@@ -1,0 +1,213 @@
+"""`strategy=cascade`: stages from cheap to expensive; an image moves on to the next stage only
+while the current stage is unsure of it (Wang et al. 2022, "Wisdom of Committees").
+
+Each stage is a (tta, ensemble) pair of option names, merged as that TTA x ensemble merges.
+After stage s an image whose confidence (`max_prob`, `margin` between the two top classes, or
+`entropy`: 1 - H / log C) is below `thresholds[s]` goes on; the others keep stage s's answer.
+A stage computes only the (checkpoint, view) outputs no earlier stage computed for the image.
+
+Predictions come from the prediction store (every stage's outputs on the whole split, then the
+escalation replayed); speed is measured live on `CascadePredictor`, which runs each stage on the
+images that reach it. With `thresholds: null`, the thresholds are chosen on the calibration
+split: the cheapest (one shared threshold for every stage) that keeps `target_gain` of the last
+stage's accuracy gain over the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from ml_infer.aggregate import Predictions
+from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.config import group_file
+from ml_infer.errors import UserError, one_of
+from ml_infer.evaluate import build_aggregators, build_views
+from ml_infer.predictor import Predictor
+
+SIGNALS = ("max_prob", "margin", "entropy")
+Pair = tuple[int, str]  # (member index, view name)
+
+
+def confidence(probs: Tensor, signal: str) -> Tensor:
+    """Per image, higher = surer, in [0, 1].
+
+    >>> p = torch.tensor([[0.7, 0.2, 0.1]])
+    >>> [round(float(confidence(p, s)[0]), 4) for s in SIGNALS]
+    [0.7, 0.5, 0.275]
+    """
+    if signal == "max_prob":
+        return probs.max(dim=-1).values
+    if signal == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if signal == "entropy":
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
+        return 1.0 - entropy / math.log(probs.shape[-1])
+    raise one_of("cascade.confidence", signal, SIGNALS)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage: its pairs in (member, view) order, and its merge."""
+
+    members: list[int]
+    views: list[str]
+    predictor: Predictor  # the stage's models and views, merged by its aggregators
+
+    @property
+    def pairs(self) -> list[Pair]:
+        return [(m, v) for m in self.members for v in self.views]
+
+
+def stage_configs(cfg: DictConfig) -> list[DictConfig]:
+    """Each stage's config: the run's, with that stage's tta and ensemble groups."""
+    stages = cfg.cascade.stages
+    if not stages or len(stages) < 2:
+        raise UserError(
+            "cascade.stages needs at least two stages, e.g. [{tta: none, ensemble: "
+            "single}, {tta: none, ensemble: folds}]"
+        )
+    configs = []
+    for stage in stages:
+        parts = {
+            group: OmegaConf.load(group_file(group, str(stage[group])))
+            for group in ("tta", "ensemble")
+        }
+        merged = OmegaConf.merge(cfg, parts)
+        assert isinstance(merged, DictConfig)
+        configs.append(merged)
+    return configs
+
+
+def build_stages(
+    predictor: Predictor, configs: Sequence[DictConfig], member_of: dict[str, int]
+) -> list[Stage]:
+    """Stages over `predictor`'s prepared models (every stage's checkpoints, once each)."""
+    stages = []
+    for stage_cfg in configs:
+        paths = expand_checkpoint_paths(stage_cfg.ensemble.checkpoints)
+        members = [member_of[str(path)] for path in paths]
+        views = list(build_views(stage_cfg.tta.augmentations).names)
+        part = predictor.restricted(members, views)
+        part.view_aggregator, part.model_aggregator = build_aggregators(stage_cfg, len(members))
+        stages.append(Stage(members, views, part))
+    return stages
+
+
+def replay(
+    stages: Sequence[Stage],
+    logits_of: dict[Pair, Tensor],
+    thresholds: Sequence[float],
+    signal: str,
+) -> tuple[Predictions, Tensor, list[float]]:
+    """The cascade on whole-split outputs: its prediction, the (member, view) passes each image
+    needed, and the share of images that went on after each stage."""
+    first = stage_output(stages[0], logits_of, None)
+    probs, preds = first.probs.clone(), first.preds.clone()
+    n = len(preds)
+    active = torch.ones(n, dtype=torch.bool)
+    passes = torch.zeros(n)
+    seen: set[Pair] = set()
+    escalated = []
+    for index, stage in enumerate(stages):
+        new = [pair for pair in stage.pairs if pair not in seen]
+        seen |= set(new)
+        passes[active] += len(new)
+        output = first if index == 0 else stage_output(stage, logits_of, None)
+        probs[active], preds[active] = output.probs[active], output.preds[active]
+        if index < len(stages) - 1:
+            active = active & (confidence(output.probs, signal) < thresholds[index])
+            escalated.append(float(active.double().mean()))
+    return Predictions(probs, preds), passes, escalated
+
+
+def choose_threshold(
+    stages: Sequence[Stage],
+    logits_of: dict[Pair, Tensor],
+    labels: Tensor,
+    signal: str,
+    target_gain: float,
+) -> tuple[float, dict[str, float]]:
+    """The cheapest shared threshold whose accuracy keeps `target_gain` of the last stage's
+    gain over the first on these (calibration) images."""
+    first = stage_output(stages[0], logits_of, None)
+    last = stage_output(stages[-1], logits_of, None)
+    accuracy_first = float((first.preds == labels).double().mean())
+    accuracy_last = float((last.preds == labels).double().mean())
+    wanted = accuracy_first + target_gain * max(0.0, accuracy_last - accuracy_first)
+    candidates = sorted({0.0, *confidence(first.probs, signal).tolist(), 1.0 + 1e-6})
+    best = (math.inf, 1.0 + 1e-6)
+    for threshold in candidates:
+        merged, passes, _ = replay(stages, logits_of, [threshold] * (len(stages) - 1), signal)
+        accuracy = float((merged.preds == labels).double().mean())
+        if accuracy >= wanted - 1e-12 and float(passes.mean()) < best[0]:
+            best = (float(passes.mean()), threshold)
+    return best[1], {"first": accuracy_first, "last": accuracy_last, "wanted": wanted}
+
+
+def stage_output(stage: Stage, logits_of: dict[Pair, Tensor], rows: Tensor | None) -> Predictions:
+    stacked = torch.stack(
+        [torch.stack([logits_of[(m, v)] for v in stage.views]) for m in stage.members]
+    )
+    if rows is not None:
+        stacked = stacked[:, :, rows]
+    return stage.predictor.merge(stacked)
+
+
+class CascadePredictor:
+    """The cascade run live on a batch: each stage on the images that reach it, computing only
+    the pairs no earlier stage computed (for timing; `replay` gives the same predictions)."""
+
+    def __init__(
+        self,
+        every: Predictor,
+        stages: Sequence[Stage],
+        thresholds: Sequence[float],
+        signal: str,
+    ) -> None:
+        self.every, self.stages = every, list(stages)
+        self.thresholds, self.signal = list(thresholds), signal
+        self.device = every.device
+
+    @torch.inference_mode()
+    def __call__(self, images: Tensor) -> Predictions:
+        n = len(images)
+        active = torch.arange(n)
+        logits_of: dict[Pair, Tensor] = {}
+        probs: Tensor | None = None
+        preds: Tensor | None = None
+        for index, stage in enumerate(self.stages):
+            if len(active) == 0:
+                break
+            for member, views in _missing(stage.pairs, logits_of).items():
+                part = self.every.restricted([member], views, autocast_dtype=None)
+                computed = part.logits(images[active])[0]  # [K, b, C]
+                for k, view in enumerate(views):
+                    full = torch.full((n, computed.shape[-1]), math.nan, device=computed.device)
+                    full[active] = computed[k]
+                    logits_of[(member, view)] = full
+            output = stage_output(stage, logits_of, active)
+            if probs is None or preds is None:
+                probs = torch.empty(n, output.probs.shape[-1], device=output.probs.device)
+                preds = torch.empty(n, dtype=output.preds.dtype, device=output.preds.device)
+            probs[active], preds[active] = output.probs, output.preds
+            if index < len(self.stages) - 1:
+                unsure = confidence(output.probs, self.signal) < self.thresholds[index]
+                active = active[unsure.to(active.device)]
+        assert probs is not None and preds is not None
+        return Predictions(probs, preds)
+
+
+def _missing(pairs: Sequence[Pair], computed: dict[Pair, Any]) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    for member, view in pairs:
+        if (member, view) not in computed:
+            found.setdefault(member, []).append(view)
+    return found

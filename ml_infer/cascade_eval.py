@@ -1,0 +1,162 @@
+"""`strategy=cascade` evaluated: the cascade's predictions replayed from the prediction store
+(every stage's outputs on the whole split), its speed measured live (`cascade.CascadePredictor`),
+and what it escalated. The cascade itself is `ml_infer.cascade`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from ml_infer.aggregate import SoftVoting
+from ml_infer.assemble import StoreKeys, assemble, uncertainty
+from ml_infer.augment import Augmentation, Views
+from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.cascade import (
+    SIGNALS,
+    CascadePredictor,
+    Pair,
+    build_stages,
+    choose_threshold,
+    replay,
+    stage_configs,
+    stage_output,
+)
+from ml_infer.errors import UserError, one_of
+from ml_infer.evaluate import Evaluation, build_views, load_inputs
+from ml_infer.outputs import sweep_dir
+from ml_infer.passes import DatasetPredictions
+from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.runners import build_runner
+from ml_infer.score import run_metrics, scores
+from ml_infer.store import open_store
+
+
+def evaluate_cascade(cfg: DictConfig) -> Evaluation:
+    """The cascade's predictions replayed from the store, its speed measured live."""
+    settings = cfg.cascade
+    if cfg.mode != "evaluate":
+        raise UserError("strategy=cascade scores labelled data; run it with mode=evaluate")
+    if settings.confidence not in SIGNALS:
+        raise one_of("cascade.confidence", settings.confidence, SIGNALS)
+    configs = stage_configs(cfg)
+    thresholds = None if settings.thresholds is None else [float(t) for t in settings.thresholds]
+    if thresholds is not None and len(thresholds) != len(configs) - 1:
+        raise UserError(
+            f"cascade.thresholds has {len(thresholds)} value(s) for {len(configs)} stages; give "
+            f"one per stage but the last, or null to choose them for cascade.target_gain"
+        )
+    paths = list(
+        dict.fromkeys(p for c in configs for p in expand_checkpoint_paths(c.ensemble.checkpoints))
+    )
+    augmentations: dict[tuple[str, ...], Augmentation] = {}  # every stage's views, once each
+    for stage_cfg in configs:
+        for augmentation in build_views(stage_cfg.tta.augmentations).augmentations:
+            augmentations.setdefault(augmentation.view_names, augmentation)
+    runner = build_runner("single", cfg.device)
+    torch.manual_seed(cfg.seed)
+    inputs = load_inputs(cfg, paths, with_calibration=thresholds is None)
+    every = Predictor(
+        [member.model for member in inputs.members],
+        Views([a for names, a in augmentations.items() if names != ("identity",)]),
+        SoftVoting(),
+        SoftVoting(),
+        inputs.input_spec,
+        device=runner.device,
+        autocast_dtype=None,
+        engine=EngineSettings.from_config(cfg.engine),
+        member_names=[f"checkpoint {member.path}" for member in inputs.members],
+    )
+    stages = build_stages(every, configs, {str(path): i for i, path in enumerate(paths)})
+    store = open_store(cfg.engine.store, sweep_dir(), cfg.engine.store_dtype)
+
+    def outputs_on(dataset: Any, baseline: bool) -> tuple[dict[Pair, Tensor], Tensor | None]:
+        assembled = assemble(
+            every,
+            StoreKeys.of(every, inputs.members, dataset),
+            store,
+            runner,
+            runner.loader(dataset, batch_size=cfg.data.batch_size, num_workers=0),
+            progress=cfg.engine.progress,
+            with_baseline=baseline,
+        )
+        assert assembled.logits is not None
+        names = list(every.views.names)
+        found = {
+            (m, view): assembled.logits[m, k]
+            for m in range(len(inputs.members))
+            for k, view in enumerate(names)
+        }
+        return found, assembled.baseline_logits
+
+    found: dict[str, Any] = {}
+    if thresholds is None:
+        assert inputs.split is not None
+        calibration_outputs, _ = outputs_on(inputs.split.calibration, False)
+        shared, chosen_on = choose_threshold(
+            stages,
+            calibration_outputs,
+            inputs.split.calibration.labels,
+            settings.confidence,
+            float(settings.target_gain),
+        )
+        thresholds = [shared] * (len(stages) - 1)
+        found["cascade_threshold_choice"] = chosen_on
+    dataset = inputs.dataset
+    logits_of, baseline_logits = outputs_on(dataset, True)
+    assert baseline_logits is not None
+    merged, passes, escalated = replay(stages, logits_of, thresholds, settings.confidence)
+    live = CascadePredictor(every, stages, thresholds, settings.confidence)
+    loader = runner.loader(
+        dataset, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers
+    )
+    timing = runner.time(
+        live,  # type: ignore[arg-type]  # times anything that maps images to predictions
+        every.restricted([0], ["identity"], autocast_dtype=None),
+        loader,
+        warmup_batches=cfg.engine.warmup_batches,
+        min_timing_s=cfg.engine.min_timing_s,
+        timing_batches=cfg.engine.timing_batches,
+    )
+    result = DatasetPredictions(
+        probs=merged.probs,
+        preds=merged.preds,
+        labels=dataset.labels,
+        positions=torch.arange(len(dataset)),
+        wall_seconds=timing.wall_seconds,
+        batch_seconds=timing.batch_seconds,
+        pass_seconds=timing.pass_seconds,
+        peak_memory_mb=timing.peak_memory_mb,
+        peak_memory_kind=timing.peak_memory_kind,
+    )
+    metrics = run_metrics(cfg, every, inputs.members, runner, dataset, timing)
+    baseline_preds = baseline_logits.argmax(dim=-1)
+    metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels)
+    metrics |= found | {
+        "forward_passes_per_image": float(passes.mean()),
+        "cascade_stages": [OmegaConf.to_container(stage) for stage in settings.stages],
+        "cascade_thresholds": thresholds,
+        "cascade_confidence": settings.confidence,
+        "escalated_share": escalated,
+        "stage_accuracy": [
+            float((stage_output(stage, logits_of, None).preds == dataset.labels).double().mean())
+            for stage in stages
+        ],
+    }
+    title = f"cascade: accuracy {metrics['accuracy']:.4f} on {cfg.data.name}/{cfg.data.split}"
+    stacked = torch.stack(
+        [torch.stack([logits_of[(m, v)] for v in every.views.names]) for m in range(len(paths))]
+    )
+    return Evaluation(
+        metrics,
+        result,
+        dataset,
+        list(inputs.members[0].classes),
+        cfg.mode,
+        cfg,
+        title,
+        uncertainty(stacked, merged),
+        baseline_preds,
+    )
