@@ -4,9 +4,9 @@
 - `vector`: a per-class scale and bias, logits * w + b (Guo et al.'s vector scaling); it may
   change the predicted class.
 
-When the calibration images are all classified right, the NLL keeps falling as T -> 0 (or
-as vector scaling's scales grow): nothing identifies the fit. T is then held in [0.05, 20] and
-a warning says so; more calibration images are the cure.
+T is fitted within [0.05, 20]. When the calibration images are all classified right, the NLL
+keeps falling as T -> 0 (or as vector scaling's scales grow): nothing identifies the fit. T then
+stops at its bound and a warning says so; more calibration images are the cure.
 
 A strategy's merged output is a probability vector (a mean of softmaxes, a vote share), so the
 `merged` stage calibrates its log-probabilities as logits; a zero share is clipped at float32
@@ -76,11 +76,10 @@ class TemperatureScaling(Calibrator):
         fitted = fit_temperature(logits, labels)
         low, high = TEMPERATURE_RANGE
         self.temperature = min(max(fitted, low), high)
-        if self.temperature != fitted:
+        if not low * (1 + 1e-6) < fitted < high * (1 - 1e-6):
             log.warning(
-                "temperature scaling: the fitted T=%.3g is held at %g (%s); fit on more "
+                "temperature scaling: T is held at its bound %g (%s); fit on more "
                 "calibration images",
-                fitted,
                 self.temperature,
                 _why_unidentified(logits, labels),
             )
@@ -129,33 +128,43 @@ class VectorScaling(Calibrator):
 
 
 def fit_temperature(logits: Tensor, labels: Tensor, max_steps: int = 50) -> float:
-    """The NLL-optimal temperature of `logits` [n, C] for `labels`, by Newton's method on the
-    inverse temperature b (the NLL of b * logits is convex in b: its second derivative is the
-    mean variance of the logits under the softmax), kept in [1/1000, 1000].
+    """The NLL-optimal temperature of `logits` [n, C] for `labels` (see `fit_temperatures`).
 
     >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     >>> round(fit_temperature(logits, torch.tensor([0, 1, 1])), 3)  # one of three wrong
     2.885
     """
-    logits = _checked(logits, labels)
-    true_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    low, high, b = 1e-3, 1e3, 1.0
+    return float(fit_temperatures(_checked(logits, labels).unsqueeze(0), labels, max_steps)[0])
+
+
+def fit_temperatures(logits: Tensor, labels: Tensor, max_steps: int = 50) -> Tensor:
+    """The NLL-optimal temperature in TEMPERATURE_RANGE of each of P sets of logits [P, n, C]
+    for the same `labels`, all at once, by Newton's method on the inverse temperature b: the NLL
+    of b * logits is convex in b (its second derivative is the mean variance of the logits under
+    the softmax). A step leaving the bracket of b falls back to its geometric middle.
+    """
+    logits = logits.detach().double()
+    n_sets = len(logits)
+    true_logit = logits.gather(2, labels.view(1, -1, 1).expand(n_sets, -1, 1)).squeeze(2)
+    low = torch.full((n_sets,), 1.0 / TEMPERATURE_RANGE[1], dtype=torch.float64)
+    high = torch.full((n_sets,), 1.0 / TEMPERATURE_RANGE[0], dtype=torch.float64)
+    b = torch.ones(n_sets, dtype=torch.float64)
     for _ in range(max_steps):
-        probs = (logits * b).softmax(dim=1)
-        mean = (probs * logits).sum(dim=1)
-        gradient = float((mean - true_logit).mean())
-        curvature = float((probs * (logits - mean.unsqueeze(1)) ** 2).sum(dim=1).mean())
-        if gradient > 0:  # the optimum lies below b
-            high = b
-        else:
-            low = b
-        step = b - gradient / curvature if curvature > 1e-12 else math.nan
-        # A Newton step that leaves the bracket falls back to its geometric middle.
-        b_next = step if low < step < high else math.sqrt(low * high)
-        if abs(b_next - b) <= 1e-10 * b:
-            b = b_next
-            break
+        probs = (logits * b.view(-1, 1, 1)).softmax(dim=2)
+        mean = (probs * logits).sum(dim=2)
+        gradient = (mean - true_logit).mean(dim=1)
+        curvature = (probs * (logits - mean.unsqueeze(2)) ** 2).sum(dim=2).mean(dim=1)
+        above = gradient > 0  # the optimum lies below b
+        high = torch.where(above, b, high)
+        low = torch.where(above, low, b)
+        step = b - gradient / curvature.clamp_min(1e-12)
+        inside = (step >= low) & (step <= high) & (curvature > 1e-12)
+        b_next = torch.where(inside, step, (low * high).sqrt())
+        settled = ((b_next - b).abs() <= 1e-9 * b) | (high - low <= 1e-9 * high)
+        converged = bool(settled.all())
         b = b_next
+        if converged:
+            break
     return 1.0 / b
 
 

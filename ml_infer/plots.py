@@ -80,6 +80,18 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
             alpha=0.7,
             label="Pareto front",
         )
+        cascades = sorted(
+            (i for i in shown if rows[i].get("strategy") == "cascade"), key=lambda i: costs[i]
+        )
+        if len(cascades) > 1:  # a sweep over thresholds: the cascade's accuracy-vs-cost curve
+            axes.plot(
+                [costs[i] for i in cascades],
+                [accuracies[i] for i in cascades],
+                "--",
+                color="tab:blue",
+                alpha=0.7,
+                label="cascade runs",
+            )
         axes.set_xscale("log")
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
         axes.xaxis.set_minor_formatter(NullFormatter())

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ml_infer.calibrate import TEMPERATURE_RANGE, fit_temperature, log_probs_as_logits
+from ml_infer.calibrate import TEMPERATURE_RANGE, fit_temperatures, log_probs_as_logits
 from ml_infer.errors import one_of
 
 OBJECTIVES = ("nll", "accuracy")
@@ -37,8 +37,13 @@ def objective(probs: Tensor, labels: Tensor, name: str) -> float:
     >>> objective(probs, torch.tensor([0, 1]), "accuracy")
     -1.0
     """
+    return objectives(probs.unsqueeze(0), labels, name)[0]
+
+
+def objectives(probs: Tensor, labels: Tensor, name: str) -> list[float]:
+    """The objective of each of P merged predictions [P, n, C], computed together."""
     if name == "accuracy":
-        return -float((probs.argmax(dim=1) == labels).double().mean())
+        return (-(probs.argmax(dim=2) == labels).double().mean(dim=1)).tolist()
     if name != "nll":
         raise one_of("tune.objective", name, OBJECTIVES)
     logits = log_probs_as_logits(probs)
@@ -46,8 +51,10 @@ def objective(probs: Tensor, labels: Tensor, name: str) -> float:
     # Fitted on the same images: one parameter. (Fitted on one half and scored on the other,
     # a half that a confident model classifies without error drives T to its bound, and the
     # other half's one error then costs more than every view could win.)
-    temperature = min(max(fit_temperature(logits, labels), low), high)
-    return float(torch.nn.functional.cross_entropy(logits / temperature, labels))
+    temperatures = fit_temperatures(logits, labels).clamp(low, high)
+    scaled = (logits / temperatures.view(-1, 1, 1)).log_softmax(dim=2)
+    true = scaled.gather(2, labels.view(1, -1, 1).expand(len(probs), -1, 1)).squeeze(2)
+    return (-true.mean(dim=1)).tolist()
 
 
 @dataclasses.dataclass
@@ -87,10 +94,9 @@ def forward_select(
         ]
         if not options:
             break
-        scores = [
-            objective((total + candidates[index]) / (len(chosen) + 1), labels, name)
-            for index in options
-        ]
+        scores = objectives(
+            (total.unsqueeze(0) + candidates[options].double()) / (len(chosen) + 1), labels, name
+        )
         step = min(range(len(options)), key=lambda i: (scores[i], options[i]))
         if stop_when_worse and scores[step] >= best.score - 1e-9:
             break
@@ -156,7 +162,7 @@ def caruana(
     [1.0, 0.0, 0.0]
     """
     n_candidates = len(candidates)
-    alone = [objective(candidates[index], labels, name) for index in range(n_candidates)]
+    alone = objectives(candidates, labels, name)
     ranked = sorted(range(n_candidates), key=lambda index: (alone[index], index))
     pools = [list(range(n_candidates))]
     if bags:
