@@ -40,7 +40,7 @@ def confidence(probs: Tensor, signal: str) -> Tensor:
 
     >>> p = torch.tensor([[0.7, 0.2, 0.1]])
     >>> [round(float(confidence(p, s)[0]), 4) for s in SIGNALS]
-    [0.7, 0.5, 0.275]
+    [0.7, 0.5, 0.2702]
     """
     if signal == "max_prob":
         return probs.max(dim=-1).values
@@ -186,13 +186,14 @@ class CascadePredictor:
         for index, stage in enumerate(self.stages):
             if len(active) == 0:
                 break
-            for member, views in _missing(stage.pairs, logits_of).items():
-                part = self.every.restricted([member], views, autocast_dtype=None)
-                computed = part.logits(images[active])[0]  # [K, b, C]
-                for k, view in enumerate(views):
-                    full = torch.full((n, computed.shape[-1]), math.nan, device=computed.device)
-                    full[active] = computed[k]
-                    logits_of[(member, view)] = full
+            for views, members in _missing(stage.pairs, logits_of).items():
+                part = self.every.restricted(members, list(views), autocast_dtype=None)
+                computed = part.logits(images[active])  # [M, K, b, C], one pass for them all
+                for i, member in enumerate(members):
+                    for k, view in enumerate(views):
+                        full = computed.new_full((n, computed.shape[-1]), math.nan)
+                        full[active] = computed[i, k]
+                        logits_of[(member, view)] = full
             output = stage_output(stage, logits_of, active)
             if probs is None or preds is None:
                 probs = torch.empty(n, output.probs.shape[-1], device=output.probs.device)
@@ -205,9 +206,17 @@ class CascadePredictor:
         return Predictions(probs, preds)
 
 
-def _missing(pairs: Sequence[Pair], computed: dict[Pair, Any]) -> dict[int, list[str]]:
-    found: dict[int, list[str]] = {}
+def _missing(pairs: Sequence[Pair], computed: dict[Pair, Any]) -> dict[tuple[str, ...], list[int]]:
+    """The pairs not computed yet, as passes: the members lacking the same views share one.
+
+    >>> _missing([(0, "identity"), (1, "identity"), (1, "flip")], {(0, "identity"): None})
+    {('identity', 'flip'): [1]}
+    """
+    by_member: dict[int, list[str]] = {}
     for member, view in pairs:
         if (member, view) not in computed:
-            found.setdefault(member, []).append(view)
-    return found
+            by_member.setdefault(member, []).append(view)
+    passes: dict[tuple[str, ...], list[int]] = {}
+    for member, views in by_member.items():
+        passes.setdefault(tuple(views), []).append(member)
+    return passes
