@@ -72,6 +72,8 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     stages = build_stages(every, configs, {str(path): i for i, path in enumerate(paths)})
     store = open_store(cfg.engine.store, sweep_dir(), cfg.engine.store_dtype)
 
+    computed: list[int] = []  # passes over each split this run computed (not served)
+
     def outputs_on(dataset: Any, baseline: bool) -> tuple[dict[Pair, Tensor], Tensor | None]:
         assembled = assemble(
             every,
@@ -83,6 +85,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
             with_baseline=baseline,
         )
         assert assembled.logits is not None
+        computed.append(assembled.passes_computed)
         names = list(every.views.names)
         found = {
             (m, view): assembled.logits[m, k]
@@ -104,6 +107,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         )
         thresholds = [shared] * (len(stages) - 1)
         found["cascade_threshold_choice"] = chosen_on
+        found["calibration_passes_computed"] = computed[-1]
     dataset = inputs.dataset
     logits_of, baseline_logits = outputs_on(dataset, True)
     assert baseline_logits is not None
@@ -136,6 +140,8 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels)
     metrics |= found | {
         "forward_passes_per_image": float(passes.mean()),
+        "forward_passes_computed": computed[-1],
+        "store": str(getattr(store, "directory", "off")),
         "cascade_stages": [OmegaConf.to_container(stage) for stage in settings.stages],
         "cascade_thresholds": thresholds,
         "cascade_confidence": settings.confidence,

@@ -57,7 +57,7 @@ TABLE_COLUMNS = (
     ("aurc", "{:.4f}"),
     ("relative_cost", "{:.2f}x"),
     ("relative_cost_iqr", "{:.2f}"),
-    ("forward_passes_per_image", "{}"),
+    ("forward_passes_per_image", "{:.3g}"),
 )
 
 
@@ -171,7 +171,7 @@ def sweep_cost_line(rows: Sequence[dict[str, Any]]) -> str | None:
     ]
     if len(computed) != len(rows):
         return None
-    used = sum(int(row.get("forward_passes_per_image", 0)) for row in rows)
+    used = sum(float(row.get("forward_passes_per_image", 0)) for row in rows)
     stores = {str(row["store"]) for row in rows if row.get("store") not in (None, "off")}
     size = sum(DiskStore(Path(directory)).size_bytes() for directory in stores)
     where = (
@@ -179,7 +179,7 @@ def sweep_cost_line(rows: Sequence[dict[str, Any]]) -> str | None:
     )
     return (
         f"forward passes computed for predictions: {sum(computed)} per image over the sweep, "
-        f"for {used} that its runs use{where}"
+        f"for {round(used, 1):g} that its runs use{where}"
     )
 
 
