@@ -175,6 +175,18 @@ class CascadePredictor:
         self.every, self.stages = every, list(stages)
         self.thresholds, self.signal = list(thresholds), signal
         self.device = every.device
+        # What each stage computes is fixed by the stages: its passes are prepared once.
+        self.passes: list[list[tuple[list[int], tuple[str, ...], Predictor]]] = []
+        done: dict[Pair, None] = {}
+        for stage in self.stages:
+            missing = _missing(stage.pairs, done)
+            self.passes.append(
+                [
+                    (members, views, every.restricted(members, list(views), autocast_dtype=None))
+                    for views, members in missing.items()
+                ]
+            )
+            done |= dict.fromkeys(stage.pairs)
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Predictions:
@@ -186,15 +198,16 @@ class CascadePredictor:
         for index, stage in enumerate(self.stages):
             if len(active) == 0:
                 break
-            for views, members in _missing(stage.pairs, logits_of).items():
-                part = self.every.restricted(members, list(views), autocast_dtype=None)
-                computed = part.logits(images[active])  # [M, K, b, C], one pass for them all
+            everyone = len(active) == n
+            reaching = images if everyone else images[active]
+            for members, views, part in self.passes[index]:
+                computed = part.logits(reaching)  # [M, K, b, C], one pass for them all
                 for i, member in enumerate(members):
                     for k, view in enumerate(views):
                         full = computed.new_full((n, computed.shape[-1]), math.nan)
                         full[active] = computed[i, k]
                         logits_of[(member, view)] = full
-            output = stage_output(stage, logits_of, active)
+            output = stage_output(stage, logits_of, None if everyone else active)
             if probs is None or preds is None:
                 probs = torch.empty(n, output.probs.shape[-1], device=output.probs.device)
                 preds = torch.empty(n, dtype=output.preds.dtype, device=output.preds.device)
