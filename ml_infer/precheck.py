@@ -93,6 +93,12 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> Comm
         return None
     overrides = [arg for arg in argv if not arg.startswith("-")]
     check_overrides(overrides)
+    if "+experiment=compare_tuned" in overrides and "tuned" not in options("strategy"):
+        raise UserError(
+            "+experiment=compare_tuned compares the presets `python -m ml_infer.tune` writes, "
+            "and ./presets/strategy/tuned.yaml is missing here; run the tuning first, in this "
+            "folder"
+        )
     parsed = _parse(overrides)
     unexpanded: set[str] = set()  # groups swept by glob(): only Hydra's loader can list them
 

@@ -262,3 +262,17 @@ def test_learned_aggregation_of_the_seeds_views_on_digits(runs_dir, tmp_path):
         compose_config(["strategy=tta"], runs_dir=runs_dir), output_dir=tmp_path / "m"
     )
     assert mean["ece"] > 0.2
+
+
+@pytest.mark.slow
+def test_compare_tuned_before_tuning_is_one_line(runs_dir, tmp_path):
+    result = run_cli(
+        ["ml_infer", "-m", "+experiment=compare_tuned", f"runs_dir={runs_dir}", "tracking=none"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: +experiment=compare_tuned compares the presets `python -m ml_infer.tune` writes, "
+        "and ./presets/strategy/tuned.yaml is missing here; run the tuning first, in this folder"
+    ]
+    assert not (tmp_path / "outputs").exists()
