@@ -252,23 +252,27 @@ def write_presets(
     provenance: dict[str, Any],
     ensemble_score: float | None,
 ) -> list[Path]:
-    """<presets_dir>/tta/<name>.yaml, ensemble/<name>.yaml (several checkpoints) and
-    strategy/<name>.yaml (the two together), each written whole."""
+    """<presets_dir>/tta/<name>.yaml, ensemble/<name>.yaml (the checkpoints, weighted when
+    several were selected among) and strategy/<name>.yaml (the two together), each whole."""
     written = []
     tta = {"augmentations": tta_entries, "aggregation": aggregation, "provenance": provenance}
     written.append(_write(presets_dir / "tta" / f"{name}.yaml", tta, "TTA policy"))
-    ensemble_choice = "single"
-    if weights is not None:
-        kept = [(str(member.path), w) for member, w in zip(members, weights, strict=True) if w]
-        ensemble = {
-            "checkpoints": [path for path, _ in kept],
-            "aggregation": "weighted",
-            "weights": [round(w, 6) for _, w in kept],
-            "allow_mixed_architectures": False,
-            "provenance": provenance | {"ensemble_val_score": ensemble_score},
-        }
-        written.append(_write(presets_dir / "ensemble" / f"{name}.yaml", ensemble, "ensemble"))
-        ensemble_choice = name
+    # Always written, with the checkpoints tuned on: `ensemble=single` would name fold 0 of
+    # runs_dir, not the checkpoint the policy was chosen for.
+    kept = [
+        (str(member.path), w)
+        for member, w in zip(members, weights or [1.0] * len(members), strict=True)
+        if w
+    ]
+    ensemble = {
+        "checkpoints": [path for path, _ in kept],
+        "aggregation": "weighted" if weights is not None else "soft_voting",
+        "weights": [round(w, 6) for _, w in kept] if weights is not None else None,
+        "allow_mixed_architectures": False,
+        "provenance": provenance | {"ensemble_val_score": ensemble_score},
+    }
+    written.append(_write(presets_dir / "ensemble" / f"{name}.yaml", ensemble, "ensemble"))
+    ensemble_choice = name
     strategy = {
         "defaults": [{"override /tta": name}, {"override /ensemble": ensemble_choice}],
         "strategy": {

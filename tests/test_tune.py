@@ -276,3 +276,13 @@ def test_compare_tuned_before_tuning_is_one_line(runs_dir, tmp_path):
         "and ./presets/strategy/tuned.yaml is missing here; run the tuning first, in this folder"
     ]
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_a_policy_tuned_for_one_checkpoint_names_that_checkpoint(runs_dir, tmp_path):
+    checkpoint = runs_dir / "fold_1" / "weights" / "best.pt"
+    tune(runs_dir, tmp_path, f"ensemble.checkpoints=[{checkpoint}]")
+    ensemble = yaml.safe_load((tmp_path / "presets" / "ensemble" / "tuned.yaml").read_text())
+    assert ensemble["checkpoints"] == [str(checkpoint)] and ensemble["weights"] is None
+    strategy = yaml.safe_load((tmp_path / "presets" / "strategy" / "tuned.yaml").read_text())
+    assert {"override /ensemble": "tuned"} in strategy["defaults"]
