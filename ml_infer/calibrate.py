@@ -10,8 +10,9 @@ stops at its bound and a warning says so; more calibration images are the cure.
 
 A strategy's merged output is a probability vector (a mean of softmaxes, a vote share), so the
 `merged` stage calibrates its log-probabilities as logits; a zero share is clipped at float32
-epsilon first, as the NLL metric clips it. Fits run in float64 with L-BFGS over log T (T stays
-positive; T < 1 sharpens under-confident models).
+epsilon first, as the NLL metric clips it. Fits run in float64: a temperature by Newton's
+method on 1/T (`fit_temperatures`; T < 1 sharpens under-confident models), vector scaling by
+L-BFGS.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,8 @@ def calibration_split(
             raise UserError(
                 f"data.val_root is for image folders; data={cfg.data.name} has a val split"
             )
+        if cfg.mode == "evaluate":
+            _refuse_overlapping_folders(Path(str(val_root)), Path(str(cfg.data.root)), cfg)
         data = OmegaConf.merge(cfg.data, {"root": str(val_root)})
         split = CalibrationSplit(build_dataset(data, "val", **fit), scored, f"val_root {val_root}")
     else:
@@ -89,6 +92,20 @@ def calibration_split(
             f"({len(split.scored)} images) is empty"
         )
     return split
+
+
+def _refuse_overlapping_folders(val_root: Path, data_root: Path, cfg: DictConfig) -> None:
+    """data.val_root must not hold the scored images, nor lie inside their folder (ids are
+    relative to each root, so they cannot tell)."""
+    from ml_infer.folders import split_dir
+
+    scored = split_dir(data_root, str(cfg.data.split)).resolve()
+    calibration = split_dir(val_root, "val").resolve()
+    if calibration == scored or scored in calibration.parents or calibration in scored.parents:
+        raise UserError(
+            f"data.val_root {str(val_root)!r} holds the scored images ({scored}); give a "
+            "folder of other labelled images, or use calibration.holdout_fraction=0.5"
+        )
 
 
 def stratified_holdout(

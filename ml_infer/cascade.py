@@ -16,12 +16,13 @@ stage's accuracy gain over the first.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from ml_infer.aggregate import Predictions
@@ -32,6 +33,7 @@ from ml_infer.evaluate import build_aggregators, build_views
 from ml_infer.predictor import Predictor
 
 SIGNALS = ("max_prob", "margin", "entropy")
+log = logging.getLogger(__name__)
 Pair = tuple[int, str]  # (member index, view name)
 
 
@@ -64,6 +66,47 @@ class Stage:
     @property
     def pairs(self) -> list[Pair]:
         return [(m, v) for m in self.members for v in self.views]
+
+
+def check_settings(settings: DictConfig) -> None:
+    """cascade.* as one-line errors: stages of {tta, ensemble}, one threshold in [0, 1.01] per
+    stage but the last (or null), a known confidence signal, target_gain in [0, 1]."""
+    stages = settings.stages
+    if not isinstance(stages, (list, ListConfig)) or len(stages) < 2:
+        raise UserError(
+            "cascade.stages needs at least two stages, e.g. [{tta: none, ensemble: single}, "
+            "{tta: none, ensemble: folds}]"
+        )
+    for stage in stages:
+        if not isinstance(stage, (dict, DictConfig)) or set(stage.keys()) != {"tta", "ensemble"}:
+            raise UserError(
+                f"a cascade stage names a tta and an ensemble option, e.g. "
+                f"{{tta: none, ensemble: folds}}; got {stage}"
+            )
+    if settings.confidence not in SIGNALS:
+        raise one_of("cascade.confidence", settings.confidence, SIGNALS)
+    thresholds = settings.thresholds
+    if thresholds is not None:
+        if not isinstance(thresholds, (list, ListConfig)) or not all(
+            _number(t) and 0.0 <= float(t) <= 1.01 for t in thresholds
+        ):
+            raise UserError(
+                f"cascade.thresholds must be a list of numbers in [0, 1.01] or null, got "
+                f"{thresholds}"
+            )
+        if len(thresholds) != len(stages) - 1:
+            raise UserError(
+                f"cascade.thresholds has {len(thresholds)} value(s) for {len(stages)} stages; "
+                "give one per stage but the last, or null to choose them for "
+                "cascade.target_gain"
+            )
+    gain = settings.target_gain
+    if not _number(gain) or not 0.0 <= float(gain) <= 1.0:
+        raise UserError(f"cascade.target_gain must be a number in [0, 1], got {gain!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def stage_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -106,10 +149,14 @@ def replay(
     logits_of: dict[Pair, Tensor],
     thresholds: Sequence[float],
     signal: str,
+    outputs: Sequence[Predictions] | None = None,
 ) -> tuple[Predictions, Tensor, list[float]]:
     """The cascade on whole-split outputs: its prediction, the (member, view) passes each image
-    needed, and the share of images that went on after each stage."""
-    first = stage_output(stages[0], logits_of, None)
+    needed, and the share of images that went on after each stage. `outputs`: each stage's
+    prediction on the whole split, when already merged (they do not depend on thresholds)."""
+    if outputs is None:
+        outputs = [stage_output(stage, logits_of, None) for stage in stages]
+    first = outputs[0]
     probs, preds = first.probs.clone(), first.preds.clone()
     n = len(preds)
     active = torch.ones(n, dtype=torch.bool)
@@ -120,7 +167,7 @@ def replay(
         new = [pair for pair in stage.pairs if pair not in seen]
         seen |= set(new)
         passes[active] += len(new)
-        output = first if index == 0 else stage_output(stage, logits_of, None)
+        output = outputs[index]
         probs[active], preds[active] = output.probs[active], output.preds[active]
         if index < len(stages) - 1:
             active = active & (confidence(output.probs, signal) < thresholds[index])
@@ -137,18 +184,25 @@ def choose_threshold(
 ) -> tuple[float, dict[str, float]]:
     """The cheapest shared threshold whose accuracy keeps `target_gain` of the last stage's
     gain over the first on these (calibration) images."""
-    first = stage_output(stages[0], logits_of, None)
-    last = stage_output(stages[-1], logits_of, None)
+    outputs = [stage_output(stage, logits_of, None) for stage in stages]
+    first, last = outputs[0], outputs[-1]
     accuracy_first = float((first.preds == labels).double().mean())
     accuracy_last = float((last.preds == labels).double().mean())
     wanted = accuracy_first + target_gain * max(0.0, accuracy_last - accuracy_first)
     candidates = sorted({0.0, *confidence(first.probs, signal).tolist(), 1.0 + 1e-6})
     best = (math.inf, 1.0 + 1e-6)
     for threshold in candidates:
-        merged, passes, _ = replay(stages, logits_of, [threshold] * (len(stages) - 1), signal)
+        shared = [threshold] * (len(stages) - 1)
+        merged, passes, _ = replay(stages, logits_of, shared, signal, outputs)
         accuracy = float((merged.preds == labels).double().mean())
         if accuracy >= wanted - 1e-12 and float(passes.mean()) < best[0]:
             best = (float(passes.mean()), threshold)
+    if math.isinf(best[0]):  # no threshold keeps the gain: escalate everything, and say so
+        log.warning(
+            "cascade: no threshold keeps %.0f%% of the last stage's gain on the calibration "
+            "split; every image goes on to the last stage",
+            100 * target_gain,
+        )
     return best[1], {"first": accuracy_first, "last": accuracy_last, "wanted": wanted}
 
 

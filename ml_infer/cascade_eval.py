@@ -10,24 +10,27 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ml_infer.aggregate import SoftVoting
+from ml_infer.aggregate import Predictions, SoftVoting
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Augmentation, Views
 from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.calsplit import needs_calibration_split
 from ml_infer.cascade import (
-    SIGNALS,
     CascadePredictor,
     Pair,
     build_stages,
+    check_settings,
     choose_threshold,
     replay,
     stage_configs,
     stage_output,
 )
-from ml_infer.errors import UserError, one_of
+from ml_infer.errors import UserError
 from ml_infer.evaluate import Evaluation, build_views, load_inputs
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
+from ml_infer.posthoc import check_settings as check_posthoc_settings
+from ml_infer.posthoc import fit_and_apply
 from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import build_runner
 from ml_infer.score import run_metrics, scores
@@ -39,15 +42,10 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     settings = cfg.cascade
     if cfg.mode != "evaluate":
         raise UserError("strategy=cascade scores labelled data; run it with mode=evaluate")
-    if settings.confidence not in SIGNALS:
-        raise one_of("cascade.confidence", settings.confidence, SIGNALS)
+    check_settings(settings)
+    check_posthoc_settings(cfg)
     configs = stage_configs(cfg)
     thresholds = None if settings.thresholds is None else [float(t) for t in settings.thresholds]
-    if thresholds is not None and len(thresholds) != len(configs) - 1:
-        raise UserError(
-            f"cascade.thresholds has {len(thresholds)} value(s) for {len(configs)} stages; give "
-            f"one per stage but the last, or null to choose them for cascade.target_gain"
-        )
     paths = list(
         dict.fromkeys(p for c in configs for p in expand_checkpoint_paths(c.ensemble.checkpoints))
     )
@@ -57,7 +55,8 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
             augmentations.setdefault(augmentation.view_names, augmentation)
     runner = build_runner("single", cfg.device)
     torch.manual_seed(cfg.seed)
-    inputs = load_inputs(cfg, paths, with_calibration=thresholds is None)
+    posthoc_wanted = needs_calibration_split(cfg)
+    inputs = load_inputs(cfg, paths, with_calibration=thresholds is None or posthoc_wanted)
     every = Predictor(
         [member.model for member in inputs.members],
         Views([a for names, a in augmentations.items() if names != ("identity",)]),
@@ -95,9 +94,12 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         return found, assembled.baseline_logits
 
     found: dict[str, Any] = {}
+    calibration_outputs: dict[Pair, Tensor] = {}
+    if inputs.split is not None:
+        calibration_outputs, _ = outputs_on(inputs.split.calibration, False)
+        found["calibration_passes_computed"] = computed[-1]
     if thresholds is None:
         assert inputs.split is not None
-        calibration_outputs, _ = outputs_on(inputs.split.calibration, False)
         shared, chosen_on = choose_threshold(
             stages,
             calibration_outputs,
@@ -107,7 +109,6 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         )
         thresholds = [shared] * (len(stages) - 1)
         found["cascade_threshold_choice"] = chosen_on
-        found["calibration_passes_computed"] = computed[-1]
     dataset = inputs.dataset
     logits_of, baseline_logits = outputs_on(dataset, True)
     assert baseline_logits is not None
@@ -152,9 +153,34 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         ],
     }
     title = f"cascade: accuracy {metrics['accuracy']:.4f} on {cfg.data.name}/{cfg.data.split}"
-    stacked = torch.stack(
-        [torch.stack([logits_of[(m, v)] for v in every.views.names]) for m in range(len(paths))]
-    )
+    names = list(every.views.names)
+
+    def stacked_of(found_logits: dict[Pair, Tensor]) -> Tensor:
+        return torch.stack(
+            [torch.stack([found_logits[(m, v)] for v in names]) for m in range(len(paths))]
+        )
+
+    def merge(stacked_logits: Tensor) -> Predictions:  # the cascade, replayed, on any split
+        by_pair = {
+            (m, v): stacked_logits[m, k] for m in range(len(paths)) for k, v in enumerate(names)
+        }
+        return replay(stages, by_pair, thresholds, settings.confidence)[0]
+
+    stacked = stacked_of(logits_of)
+    posthoc = None
+    calibration_ids: list[Any] | None = None
+    if posthoc_wanted and inputs.split is not None:
+        posthoc = fit_and_apply(
+            cfg,
+            merge,
+            stacked_of(calibration_outputs),
+            inputs.split.calibration.labels,
+            stacked,
+            merged,
+            dataset.labels,
+        )
+        metrics |= {"calibration_split": inputs.split.source} | posthoc.metrics
+        calibration_ids = list(inputs.split.calibration.sample_ids)
     return Evaluation(
         metrics,
         result,
@@ -165,4 +191,6 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         title,
         uncertainty(stacked, merged),
         baseline_preds,
+        posthoc,
+        calibration_ids,
     )

@@ -10,7 +10,8 @@ image's set is every class whose score is at most that threshold.
   (Romano et al. 2020, randomised as published; `randomized=false` counts its whole mass).
 - `raps`: APS plus lambda * max(0, rank - k_reg) (Angelopoulos et al. 2021), which stops long
   tails of unlikely classes; `k_reg=auto` takes the (1 - alpha) quantile of the true class's
-  rank on the calibration split, as the paper does.
+  rank, as the paper does, but on the same calibration images as the threshold (the paper
+  tunes it on a separate part; a fixed `k_reg` keeps the guarantee exact).
 
 `nonempty=true` puts the top class into a set that would be empty (the paper's
 `allow_zero_sets=False`); coverage can then only rise.

@@ -237,7 +237,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         assert calibration_logits is not None and calibration_logits.logits is not None
         posthoc = fit_and_apply(
             cfg,
-            predictor,
+            predictor.merge,
             calibration_logits.logits,
             split.calibration.labels,
             assembled.logits,

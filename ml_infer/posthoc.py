@@ -30,7 +30,6 @@ from ml_infer.calibrate import STAGES, Calibrator, calibrator, log_probs_as_logi
 from ml_infer.calsplit import stratified_holdout
 from ml_infer.errors import UserError, one_of
 from ml_infer.metrics import calibration_metrics, reliability_bins
-from ml_infer.predictor import Predictor
 
 
 @dataclasses.dataclass
@@ -63,7 +62,7 @@ def check_settings(cfg: DictConfig) -> None:
 
 def fit_and_apply(
     cfg: DictConfig,
-    predictor: Predictor,
+    merge: Callable[[Tensor], Predictions],
     calibration_logits: Tensor,
     calibration_labels: Tensor,
     logits: Tensor,
@@ -71,8 +70,8 @@ def fit_and_apply(
     labels: Tensor | None,
 ) -> PostHoc:
     """Fits `cfg.calibration` and `cfg.conformal` on the calibration split's logits [M, K, n, C]
-    and applies them to the scored split's (`logits`, merged into `merged`); `labels` are None
-    for unlabelled images."""
+    and applies them to the scored split's (`logits`, merged into `merged`); `merge` is how the
+    strategy merges logits (a cascade's replay, too); `labels` are None for unlabelled images."""
     method, stage = cfg.calibration.method, cfg.calibration.stage
     if stage not in STAGES:
         raise one_of("calibration.stage", stage, STAGES)
@@ -94,7 +93,7 @@ def fit_and_apply(
         "calibration_n": len(calibration_labels),
     }
     apply, parameters = _fit_calibration(
-        method, stage, predictor, calibration_logits, calibration_labels
+        method, stage, merge, calibration_logits, calibration_labels
     )
     if parameters:
         found["calibration_fit"] = parameters
@@ -147,22 +146,22 @@ def fit_and_apply(
 
 
 def _fit_calibration(
-    method: str, stage: str, predictor: Predictor, logits: Tensor, labels: Tensor
+    method: str, stage: str, merge: Callable[[Tensor], Predictions], logits: Tensor, labels: Tensor
 ) -> tuple[Callable[[Tensor], Predictions], dict[str, float]]:
     """The calibrator fitted on `logits` [M, K, n, C], as a map from any split's logits to its
     calibrated prediction, and its parameters (per member `name.m<k>`)."""
     if method == "none":
-        return predictor.merge, {}
+        return merge, {}
     if stage == "merged":
-        fitted = calibrator(method).fit(log_probs_as_logits(predictor.merge(logits).probs), labels)
+        fitted = calibrator(method).fit(log_probs_as_logits(merge(logits).probs), labels)
         return (
-            lambda split_logits: _apply_merged(fitted, predictor.merge(split_logits)),
+            lambda split_logits: _apply_merged(fitted, merge(split_logits)),
             _flat(fitted.parameters()),
         )
     # member: each checkpoint's own calibrator, fitted on its identity-view outputs
     members = [calibrator(method).fit(member_logits[0], labels) for member_logits in logits]
     return (
-        lambda split_logits: predictor.merge(_apply_members(members, split_logits)),
+        lambda split_logits: merge(_apply_members(members, split_logits)),
         {
             f"{name}.m{m}": value
             for m, member in enumerate(members)

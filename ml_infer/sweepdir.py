@@ -7,6 +7,7 @@ a run writes, is skipped with one line on stderr saying why.
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,22 +169,33 @@ def reliability_of_runs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
 
 
 def _bins_shaped(bins: Any) -> bool:
-    """{count, confidence, accuracy}: lists of numbers of one length.
+    """{count, confidence, accuracy}: lists of one length; counts finite and >= 0 (not all 0);
+    a counted bin's confidence and accuracy in [0, 1].
 
     >>> _bins_shaped({"count": [1, 0], "confidence": [0.5, float("nan")], "accuracy": [1, 0]})
     True
     >>> _bins_shaped({"count": [1], "confidence": ["x"], "accuracy": [1]})
     False
+    >>> _bins_shaped({"count": [1, -1], "confidence": [0.5, 0.5], "accuracy": [1, 1]})
+    False
     """
     if not isinstance(bins, dict):
         return False
     columns = [bins.get(key) for key in ("count", "confidence", "accuracy")]
-    return (
-        all(isinstance(column, list) for column in columns)
-        and len({len(column) for column in columns}) == 1  # type: ignore[arg-type]
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool)
-            for column in columns
-            for v in column  # type: ignore[union-attr]
-        )
+    if not all(isinstance(column, list) for column in columns):
+        return False
+    counts, confidence, accuracy = columns
+    assert isinstance(counts, list) and isinstance(confidence, list) and isinstance(accuracy, list)
+    if not len(counts) == len(confidence) == len(accuracy) or not counts:
+        return False
+    if not all(_finite_number(c) and c >= 0 for c in counts) or sum(counts) <= 0:
+        return False
+    return all(
+        _finite_number(conf) and _finite_number(acc) and 0 <= conf <= 1 and 0 <= acc <= 1
+        for count, conf, acc in zip(counts, confidence, accuracy, strict=True)
+        if count
     )
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

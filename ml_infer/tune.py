@@ -65,6 +65,15 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
     name = str(settings.name)
     if not name.isidentifier():
         raise UserError(f"tune.name must be a plain name (letters, digits, _), got {name!r}")
+    clash = [group for group in ("tta", "ensemble", "strategy") if name in options_in_conf(group)]
+    if clash:  # conf/ comes first on the search path: the preset would never be used
+        raise UserError(
+            f"tune.name={name!r} is already an option of conf/{clash[0]}/; choose another name"
+        )
+    for key in ("max_views", "ensemble_steps", "ensemble_init", "bags"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(f"tune.{key} must be a whole number >= 0, got {value!r}")
     pool = build_views(options("augmentation"))
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     runner = build_runner("single", cfg.device)
@@ -254,9 +263,7 @@ def write_presets(
 ) -> list[Path]:
     """<presets_dir>/tta/<name>.yaml, ensemble/<name>.yaml (the checkpoints, weighted when
     several were selected among) and strategy/<name>.yaml (the two together), each whole."""
-    written = []
     tta = {"augmentations": tta_entries, "aggregation": aggregation, "provenance": provenance}
-    written.append(_write(presets_dir / "tta" / f"{name}.yaml", tta, "TTA policy"))
     # Always written, with the checkpoints tuned on: `ensemble=single` would name fold 0 of
     # runs_dir, not the checkpoint the policy was chosen for.
     kept = [
@@ -271,10 +278,8 @@ def write_presets(
         "allow_mixed_architectures": False,
         "provenance": provenance | {"ensemble_val_score": ensemble_score},
     }
-    written.append(_write(presets_dir / "ensemble" / f"{name}.yaml", ensemble, "ensemble"))
-    ensemble_choice = name
     strategy = {
-        "defaults": [{"override /tta": name}, {"override /ensemble": ensemble_choice}],
+        "defaults": [{"override /tta": name}, {"override /ensemble": name}],
         "strategy": {
             "name": name,
             "precision": "fp32",
@@ -282,10 +287,12 @@ def write_presets(
             "runner": "single",
         },
     }
-    written.append(
-        _write(presets_dir / "strategy" / f"{name}.yaml", strategy, "strategy", package=True)
-    )
-    return written
+    files = [
+        (presets_dir / "tta" / f"{name}.yaml", _escaped(tta), "TTA policy", False),
+        (presets_dir / "ensemble" / f"{name}.yaml", _escaped(ensemble), "ensemble", False),
+        (presets_dir / "strategy" / f"{name}.yaml", _escaped(strategy), "strategy", True),
+    ]  # escaped (or refused) before any file is written: all three or none
+    return [_write(path, content, what, package) for path, content, what, package in files]
 
 
 def _write(path: Path, content: dict[str, Any], what: str, package: bool = False) -> Path:
@@ -296,14 +303,20 @@ def _write(path: Path, content: dict[str, Any], what: str, package: bool = False
         header = "# @package _global_\n" + header
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as handle:
-        handle.write(header + yaml.safe_dump(_escaped(content), sort_keys=False))
+        handle.write(header + yaml.safe_dump(content, sort_keys=False))
     return path
 
 
 def _escaped(value: Any) -> Any:
     """Strings with `${` escaped, so that Hydra reads a path as that text, never an
-    interpolation."""
+    interpolation; a backslash before `${` cannot be written so that it stays text, and is
+    refused."""
     if isinstance(value, str):
+        if "\\${" in value:
+            raise UserError(
+                f"{value!r} has a backslash before '${{', which a preset cannot hold as text; "
+                "rename it"
+            )
         return value.replace("${", "\\${")
     if isinstance(value, dict):
         return {key: _escaped(item) for key, item in value.items()}

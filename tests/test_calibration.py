@@ -173,6 +173,8 @@ def test_an_image_folder_without_a_val_folder_needs_one_named(runs_dir, tmp_path
     ]
     with pytest.raises(UserError, match="data.val_root=DIR or calibration.holdout_fraction"):
         evaluated(runs_dir, tmp_path / "none", *folder_run)
+    with pytest.raises(UserError, match="holds the scored images"):  # ids could not tell
+        evaluated(runs_dir, tmp_path / "same", *folder_run, f"data.val_root={tmp_path / 'scored'}")
     metrics, rows = evaluated(
         runs_dir, tmp_path / "run", *folder_run, f"data.val_root={tmp_path / 'calib'}"
     )

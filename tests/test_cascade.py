@@ -104,3 +104,44 @@ def test_a_cascade_needs_a_threshold_per_stage_but_the_last(runs_dir, tmp_path):
             compose_config(["strategy=cascade", "cascade.thresholds=[0.5,0.6]"], runs_dir=runs_dir),
             output_dir=tmp_path,
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": [{"tta": "none"}, {"tta": "none", "ensemble": "folds"}]}, "names a tta and"),
+        ({"stages": [{"tta": "none", "ensemble": "single"}]}, "at least two stages"),
+        ({"thresholds": 0.5}, "must be a list of numbers"),
+        ({"thresholds": ["abc"]}, "must be a list of numbers"),
+        ({"thresholds": [0.5, 0.6]}, r"has 2 value\(s\) for 2 stages"),
+        ({"target_gain": 5}, "target_gain must be a number in"),
+        ({"confidence": "variance"}, "valid: max_prob, margin, entropy"),
+    ],
+)
+def test_bad_cascade_settings_are_one_line_errors(change, message):
+    from omegaconf import OmegaConf
+
+    from ml_infer.cascade import check_settings
+
+    settings = OmegaConf.create(
+        {
+            "stages": [{"tta": "none", "ensemble": "single"}, {"tta": "none", "ensemble": "folds"}],
+            "thresholds": [0.9],
+            "confidence": "max_prob",
+            "target_gain": 0.9,
+        }
+        | change
+    )
+    with pytest.raises(UserError, match=message):
+        check_settings(settings)
+
+
+@pytest.mark.slow
+def test_a_cascade_is_calibrated_and_gets_sets_like_any_strategy(runs_dir, tmp_path):
+    metrics, _ = evaluated(
+        runs_dir, tmp_path, "strategy=cascade", "calibration=temperature", "conformal=lac"
+    )
+    assert (
+        metrics["ece_calibrated"] <= metrics["ece"] and metrics["preds_changed_by_calibration"] == 0
+    )
+    assert 0 <= metrics["coverage"] <= 1 and (tmp_path / "calibration_split.csv").exists()

@@ -88,7 +88,7 @@ def test_bagged_caruana_sums_the_counts_of_its_bags():
 def test_the_nll_objective_is_the_nll_after_a_fitted_temperature():
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(500, 4, generator=generator, dtype=torch.float64) * 2
-    labels = torch.distributions.Categorical(logits=logits / 1.7).sample()
+    labels = torch.multinomial((logits / 1.7).softmax(dim=1), 1, generator=generator).squeeze(1)
     probs = logits.softmax(dim=1)
     t = fit_temperature(probs.log(), labels)
     expected = torch.nn.functional.cross_entropy(probs.log() / t, labels)
@@ -286,3 +286,18 @@ def test_a_policy_tuned_for_one_checkpoint_names_that_checkpoint(runs_dir, tmp_p
     assert ensemble["checkpoints"] == [str(checkpoint)] and ensemble["weights"] is None
     strategy = yaml.safe_load((tmp_path / "presets" / "strategy" / "tuned.yaml").read_text())
     assert {"override /ensemble": "tuned"} in strategy["defaults"]
+
+
+def test_a_tuning_name_of_conf_or_a_path_that_could_interpolate_is_refused(runs_dir, tmp_path):
+    from ml_infer.tune import _escaped
+
+    with pytest.raises(
+        UserError, match=r"tune.name='folds' is already an option of conf/ensemble/"
+    ):
+        tune(runs_dir, tmp_path, "tune.name=folds")
+    with pytest.raises(UserError, match="tune.bags must be a whole number >= 0, got -1"):
+        tune(runs_dir, tmp_path, "tune.bags=-1")
+    assert _escaped({"p": ["/a/${x}"]}) == {"p": ["/a/\\${x}"]}
+    with pytest.raises(UserError, match="backslash before"):
+        _escaped("/tmp/a\\${oc.env:HOME}/b.pt")
+    assert not (tmp_path / "presets").exists()
