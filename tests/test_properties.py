@@ -37,7 +37,7 @@ from ml_infer.errors import UserError
 from ml_infer.metrics import ECE_BINS, brier, expected_calibration_error, nll
 
 # No example database: it would write .hypothesis/ into the working tree.
-FAST = settings(max_examples=30, deadline=None, database=None)
+FAST = settings(max_examples=20, deadline=None, database=None)
 THOROUGH = settings(max_examples=80, deadline=None, database=None)
 
 # float32 sums of a handful of probabilities in [0, 1]

@@ -66,6 +66,7 @@ def test_strategy_runs_end_to_end(strategy, runs_dir, fold_paths, tmp_path):
     assert all(abs(sum(float(row[f"prob_{c}"]) for c in range(10)) - 1) < 1e-4 for row in rows)
 
 
+@pytest.mark.slow  # eight end-to-end runs; test_strategy_runs_end_to_end keeps the fast loop honest
 @pytest.mark.parametrize(
     ("overrides", "views", "models", "min_accuracy"),
     [
