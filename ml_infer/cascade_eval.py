@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ml_infer.aggregate import Predictions, SoftVoting
+from ml_infer.aggregate import Predictions
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Augmentation, Views
 from ml_infer.bank import expand_checkpoint_paths
@@ -26,12 +26,11 @@ from ml_infer.cascade import (
     stage_output,
 )
 from ml_infer.errors import UserError
-from ml_infer.evaluate import Evaluation, build_views, load_inputs
+from ml_infer.evaluate import Evaluation, build_views, load_inputs, plain_predictor
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
 from ml_infer.posthoc import check_settings as check_posthoc_settings
 from ml_infer.posthoc import fit_and_apply
-from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import build_runner
 from ml_infer.score import run_metrics, scores
 from ml_infer.store import open_store
@@ -57,17 +56,8 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     torch.manual_seed(cfg.seed)
     posthoc_wanted = needs_calibration_split(cfg)
     inputs = load_inputs(cfg, paths, with_calibration=thresholds is None or posthoc_wanted)
-    every = Predictor(
-        [member.model for member in inputs.members],
-        Views([a for names, a in augmentations.items() if names != ("identity",)]),
-        SoftVoting(),
-        SoftVoting(),
-        inputs.input_spec,
-        device=runner.device,
-        autocast_dtype=None,
-        engine=EngineSettings.from_config(cfg.engine),
-        member_names=[f"checkpoint {member.path}" for member in inputs.members],
-    )
+    views = Views([a for names, a in augmentations.items() if names != ("identity",)])
+    every = plain_predictor(cfg, inputs, views, runner.device)
     stages = build_stages(every, configs, {str(path): i for i, path in enumerate(paths)})
     store = open_store(cfg.engine.store, sweep_dir(), cfg.engine.store_dtype)
 
@@ -125,17 +115,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         min_timing_s=cfg.engine.min_timing_s,
         timing_batches=cfg.engine.timing_batches,
     )
-    result = DatasetPredictions(
-        probs=merged.probs,
-        preds=merged.preds,
-        labels=dataset.labels,
-        positions=torch.arange(len(dataset)),
-        wall_seconds=timing.wall_seconds,
-        batch_seconds=timing.batch_seconds,
-        pass_seconds=timing.pass_seconds,
-        peak_memory_mb=timing.peak_memory_mb,
-        peak_memory_kind=timing.peak_memory_kind,
-    )
+    result = DatasetPredictions.timed(merged, dataset.labels, timing)
     metrics = run_metrics(cfg, every, inputs.members, runner, dataset, timing)
     baseline_preds = baseline_logits.argmax(dim=-1)
     metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels)

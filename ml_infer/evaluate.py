@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 from torch import Tensor
 
-from ml_infer.aggregate import Aggregator
+from ml_infer.aggregate import Aggregator, SoftVoting
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
 from ml_infer.bank import Classifier, expand_checkpoint_paths, load_ensemble
@@ -197,17 +197,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     if merged is None or assembled.logits is None:
         return None  # a helper process of a multi-process run: it took part in the passes
 
-    result = DatasetPredictions(
-        probs=merged.probs,
-        preds=merged.preds,
-        labels=dataset.labels,
-        positions=torch.arange(len(dataset)),
-        wall_seconds=timing.wall_seconds,
-        batch_seconds=timing.batch_seconds,
-        pass_seconds=timing.pass_seconds,
-        peak_memory_mb=timing.peak_memory_mb,
-        peak_memory_kind=timing.peak_memory_kind,
-    )
+    result = DatasetPredictions.timed(merged, dataset.labels, timing)
     metrics = run_metrics(cfg, predictor, members, runner, dataset, timing)
     metrics["forward_passes_computed"] = assembled.passes_computed
     if calibration_logits is not None:  # passes over the calibration split's images
@@ -297,6 +287,22 @@ def load_inputs(
     if split is not None:
         check_same_classes(split.calibration.classes, classes)
     return Inputs(list(members), input_spec, dataset, split)
+
+
+def plain_predictor(cfg: DictConfig, inputs: Inputs, views: Views, device: Any) -> Predictor:
+    """Every checkpoint of `inputs` under `views`, fp32, merged by plain means: the outputs a
+    search (tuning) or a cascade's stages are assembled from."""
+    return Predictor(
+        [member.model for member in inputs.members],
+        views,
+        SoftVoting(),
+        SoftVoting(),
+        inputs.input_spec,
+        device=device,
+        autocast_dtype=None,
+        engine=EngineSettings.from_config(cfg.engine),
+        member_names=[f"checkpoint {member.path}" for member in inputs.members],
+    )
 
 
 def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:

@@ -38,6 +38,21 @@ class DatasetPredictions:
     peak_memory_mb: float
     peak_memory_kind: str
 
+    @classmethod
+    def timed(cls, merged: Any, labels: Tensor, timing: Timing) -> DatasetPredictions:
+        """A strategy's merged prediction of every image (in data-set order) with its timing."""
+        return cls(
+            probs=merged.probs,
+            preds=merged.preds,
+            labels=labels,
+            positions=torch.arange(len(labels)),
+            wall_seconds=timing.wall_seconds,
+            batch_seconds=timing.batch_seconds,
+            pass_seconds=timing.pass_seconds,
+            peak_memory_mb=timing.peak_memory_mb,
+            peak_memory_kind=timing.peak_memory_kind,
+        )
+
 
 Gather = Callable[[Any], Any]
 

@@ -31,14 +31,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from ml_infer.aggregate import Predictions, SoftVoting
+from ml_infer.aggregate import Predictions
 from ml_infer.assemble import StoreKeys, assemble
 from ml_infer.bank import expand_checkpoint_paths
 from ml_infer.config import conf_dir, instantiate_named, options
 from ml_infer.errors import UserError, one_of
-from ml_infer.evaluate import build_views, load_inputs
+from ml_infer.evaluate import build_views, load_inputs, plain_predictor
 from ml_infer.outputs import atomic_write, sweep_dir, write_json
-from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import build_runner
 from ml_infer.selection import OBJECTIVES, caruana, greedy_policy, objective
 from ml_infer.store import open_store
@@ -81,17 +80,7 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
     inputs = load_inputs(cfg, checkpoint_paths, with_calibration=True)
     assert inputs.split is not None
     calibration = inputs.split.calibration
-    predictor = Predictor(
-        [member.model for member in inputs.members],
-        pool,
-        SoftVoting(),
-        SoftVoting(),
-        inputs.input_spec,
-        device=runner.device,
-        autocast_dtype=None,
-        engine=EngineSettings.from_config(cfg.engine),
-        member_names=[f"checkpoint {member.path}" for member in inputs.members],
-    )
+    predictor = plain_predictor(cfg, inputs, pool, runner.device)
     log.info(
         "tuning on %d calibration images (%s): %d view(s) x %d checkpoint(s)",
         len(calibration),
