@@ -13,7 +13,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from ml_infer.config import conf_dir, process_rank, quote_override_value
+from ml_infer.config import conf_dir, process_rank, quote_override_value, register_sweeper
 from ml_infer.errors import (
     Interrupted,
     UserError,
@@ -248,6 +248,7 @@ def _main() -> None:
 
 
 def _run_hydra() -> None:
+    register_sweeper()
     try:
         _hydra_entry()
     finally:

@@ -37,6 +37,7 @@ class StoreKeys:
     def of(cls, predictor: Predictor, members: Sequence[Classifier], dataset: Any) -> StoreKeys:
         images = getattr(dataset, "images", None)
         data = tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
+        shift = getattr(dataset, "shift", None)  # named beside the digest, when there is one
         device = predictor.device
         return cls(
             members=members,
@@ -47,6 +48,7 @@ class StoreKeys:
             },
             shared={
                 "data": data,
+                **({"shift": shift} if shift else {}),
                 "input": predictor.input_spec.to_dict(),
                 "engine": {
                     "device": device.type

@@ -116,7 +116,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
         timing_batches=cfg.engine.timing_batches,
     )
     result = DatasetPredictions.timed(merged, dataset.labels, timing)
-    metrics = run_metrics(cfg, every, inputs.members, runner, dataset, timing)
+    metrics = run_metrics(cfg, every, inputs.members, runner, dataset, timing) | inputs.shift
     baseline_preds = baseline_logits.argmax(dim=-1)
     metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels)
     metrics |= found | {

@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+# conf/config.yaml selects this sweeper for every sweep; importing it gives Hydra its config node.
+import hydra_plugins.ml_infer_sweeper
 from ml_infer.errors import UserError, one_of
 
 log = logging.getLogger(__name__)
@@ -143,3 +145,11 @@ def quote_override_value(value: str) -> str:
 def process_rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 when launched alone)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def register_sweeper() -> None:
+    """Makes ml_infer's sweeper known to Hydra (which finds plugins only in installed
+    `hydra_plugins` folders, and an editable install is not one)."""
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(hydra_plugins.ml_infer_sweeper.MLInferSweeper)

@@ -14,6 +14,7 @@ the files that could not be used, with the reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,7 @@ class TensorImages(Dataset[tuple[Tensor, Tensor, int]]):
     """
 
     id_name = "index"
+    shift: dict[str, Any] | None = None  # the corruption applied to the images (ml_infer.shift)
 
     def __init__(
         self,
@@ -130,11 +132,9 @@ class DigitsDataset(TensorImages):
         image_size: Sequence[int] | None = None,
         channels: int = 1,
     ):
-        from sklearn.datasets import load_digits
-
         if split not in SPLITS:
             raise one_of("split", split, SPLITS)
-        digits = load_digits()
+        digits = _load_digits()
         labels = digits.target.astype(np.int64)
         ids = stratified_split(
             labels, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction
@@ -147,6 +147,14 @@ class DigitsDataset(TensorImages):
             sample_ids=ids.tolist(),
             classes=[str(name) for name in digits.target_names],
         )
+
+
+@functools.cache
+def _load_digits() -> Any:
+    """scikit-learn's digits, read once per process (a sweep's runs each build a split)."""
+    from sklearn.datasets import load_digits
+
+    return load_digits()
 
 
 class ImageFolderDataset(TensorImages):

@@ -36,6 +36,7 @@ from ml_infer.posthoc import PostHoc, check_settings, fit_and_apply
 from ml_infer.predictor import EngineSettings, Predictor
 from ml_infer.runners import RUNNERS, build_runner
 from ml_infer.score import member_and_view_scores, run_metrics, scores
+from ml_infer.shift import shift_of, shifted
 from ml_infer.store import open_store
 
 log = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         return None  # a helper process of a multi-process run: it took part in the passes
 
     result = DatasetPredictions.timed(merged, dataset.labels, timing)
-    metrics = run_metrics(cfg, predictor, members, runner, dataset, timing)
+    metrics = run_metrics(cfg, predictor, members, runner, dataset, timing) | loaded.shift
     metrics["forward_passes_computed"] = assembled.passes_computed
     if calibration_logits is not None:  # passes over the calibration split's images
         metrics["calibration_passes_computed"] = calibration_logits.passes_computed
@@ -259,6 +260,7 @@ class Inputs:
     input_spec: InputSpec
     dataset: TensorImages
     split: CalibrationSplit | None
+    shift: dict[str, Any] = dataclasses.field(default_factory=dict)  # what shifted() reports
 
 
 def load_inputs(
@@ -266,6 +268,7 @@ def load_inputs(
 ) -> Inputs:
     """Opens the checkpoints, loads the data at their input size, takes the calibration split,
     builds the models, and checks that every split's classes are the models'."""
+    shift = shift_of(cfg)
     checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
     input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
     dataset = _load_data(cfg, input_spec)
@@ -273,6 +276,8 @@ def load_inputs(
     if with_calibration:
         split = calibration_split(cfg, dataset, _fit_of(input_spec))
         dataset = split.scored
+    # After the split: what a strategy fits, it fits on clean images.
+    dataset, shift_report = shifted(dataset, shift, cfg.data.name)
     members = load_ensemble(
         checkpoints,
         use_ema=cfg.use_ema,
@@ -286,7 +291,7 @@ def load_inputs(
         check_same_classes(dataset.classes, classes)
     if split is not None:
         check_same_classes(split.calibration.classes, classes)
-    return Inputs(list(members), input_spec, dataset, split)
+    return Inputs(list(members), input_spec, dataset, split, shift_report)
 
 
 def plain_predictor(cfg: DictConfig, inputs: Inputs, views: Views, device: Any) -> Predictor:

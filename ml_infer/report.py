@@ -32,6 +32,9 @@ from ml_infer.errors import UserError
 from ml_infer.outputs import atomic_write, failed_jobs, sweep_id_of
 from ml_infer.plots import plot_pareto, plot_risk_coverage
 from ml_infer.reliability import plot_reliability_overlay
+from ml_infer.shiftplots import plot_shift_heatmap, plot_shift_severity
+from ml_infer.shiftreport import clean_rows, is_shift_sweep, summarise
+from ml_infer.shiftreport import markdown as shift_markdown
 from ml_infer.store import DiskStore
 from ml_infer.sweepdir import read_runs, reliability_of_runs, risk_curves, skip
 from ml_infer.tracking import runs_of_experiment, sync_sweep
@@ -142,8 +145,9 @@ def write_comparison(
     if not rows:
         return rows
     out_dir.mkdir(parents=True, exist_ok=True)
+    compared = clean_rows(rows) if is_shift_sweep(rows) else rows  # one row per strategy
     with atomic_write(out_dir / "comparison.md") as handle:
-        handle.write(markdown_table(rows) + "\n")
+        handle.write(comparison_text(rows))
     columns: list[str] = []
     for row in rows:
         columns += [
@@ -153,14 +157,39 @@ def write_comparison(
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    plot_pareto(rows, out_dir / "pareto.png")
-    curves = risk_curves(rows)
+    if compared:
+        plot_pareto(compared, out_dir / "pareto.png")
+    curves = risk_curves(compared)
     if curves:
         plot_risk_coverage(curves, out_dir / "risk_coverage.png")
-    diagrams = reliability_of_runs(rows)
+    diagrams = reliability_of_runs(compared)
     if diagrams:
         plot_reliability_overlay(diagrams, out_dir / "reliability.png")
+    if is_shift_sweep(rows):
+        write_shift_files(out_dir, summarise(rows))
     return rows
+
+
+def comparison_text(rows: list[dict[str, Any]]) -> str:
+    """comparison.md: the table of runs (on clean images, in a sweep under shift), then the
+    comparison under shift when the sweep has one."""
+    if not is_shift_sweep(rows):
+        return markdown_table(rows) + "\n"
+    compared = clean_rows(rows)
+    table = markdown_table(compared) + "\n\n" if compared else ""
+    return table + shift_markdown(summarise(rows))
+
+
+def write_shift_files(out_dir: Path, summary: dict[str, Any]) -> None:
+    """shift.csv (per strategy, corruption and severity), shift_heatmap.png, shift_severity.png."""
+    columns = list(summary["cells"][0]) if summary["cells"] else ["strategy"]
+    with atomic_write(out_dir / "shift.csv", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(summary["cells"])
+    if summary["has_standard"]:
+        plot_shift_heatmap(summary, out_dir / "shift_heatmap.png")
+    plot_shift_severity(summary, out_dir / "shift_severity.png")
 
 
 def sweep_cost_line(rows: Sequence[dict[str, Any]]) -> str | None:
@@ -194,7 +223,7 @@ class SweepReport(Callback):
         rows = write_comparison(sweep_dir)
         if rows:
             print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
-            print(markdown_table(rows), flush=True)
+            print(comparison_text(rows), flush=True)
             cost = sweep_cost_line(rows)
             if cost:
                 print(f"\n{cost}", flush=True)
@@ -273,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no evaluated run found in {args.source}", file=sys.stderr)
         return 2
     write_comparison(out_dir, rows)
-    print(markdown_table(rows))
+    print(comparison_text(rows))
     print(f"\nwrote {out_dir / 'comparison.md'}, comparison.csv and pareto.png")
     return 0
 

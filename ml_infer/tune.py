@@ -73,6 +73,11 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"tune.{key} must be a whole number >= 0, got {value!r}")
+    if cfg.get("shift") is not None and cfg.shift.get("corruption") is not None:
+        raise UserError(
+            f"mode=tune chooses on the clean calibration split; shift={cfg.shift.name} applies "
+            "to scored images: tune without it, then score the presets under shift"
+        )
     pool = build_views(options("augmentation"))
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     runner = build_runner("single", cfg.device)

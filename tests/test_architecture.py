@@ -17,14 +17,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_infer"
 # From the bottom up; a module imports only from the layers before its own.
 LAYERS: list[set[str]] = [
     {"errors", "metrics", "plots", "textures"},  # leaves: nothing of ours below them
+    {"shiftplots"},
     {"filedata", "reliability"},
     {"config", "outputs", "sweeplock"},  # base: config access, run-directory files, the lock
     {"precheck"},
     {"device"},
     {"inputs"},
     {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
+    {"corruptions"},
+    {"warps"},
     {"bank", "data", "learned"},
-    {"predictor", "calsplit"},
+    {"predictor", "calsplit", "shift"},
     {"passes"},
     {"runners"},
     {"assemble"},
@@ -36,7 +39,7 @@ LAYERS: list[set[str]] = [
     {"tracking.sweep"},
     {"tracking.sync"},
     {"tracking"},
-    {"sweepdir"},
+    {"sweepdir", "shiftreport"},
     {"report"},
     {"task"},
     {"__main__", "train"},

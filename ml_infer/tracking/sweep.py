@@ -207,6 +207,9 @@ def _finish_parent(tracking: TrackingSettings, run_id: str, sweep_dir: Path, sta
         "pareto.png",
         "risk_coverage.png",
         "reliability.png",
+        "shift.csv",
+        "shift_heatmap.png",
+        "shift_severity.png",
     ):
         if (sweep_dir / name).is_file():
             client.log_artifact(run_id, str(sweep_dir / name))
