@@ -161,6 +161,9 @@ def posthoc_lines(m: dict[str, Any]) -> list[str]:
     return lines
 
 
+register_sweeper()
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     run(cfg)
@@ -248,7 +251,6 @@ def _main() -> None:
 
 
 def _run_hydra() -> None:
-    register_sweeper()
     try:
         _hydra_entry()
     finally:

@@ -114,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="miscoverage of the conformal sets (default 0.1: sets hold the class 90%% of images)",
     )
     parser.add_argument(
+        "--shift",
+        choices=[name for name in options("shift") if name != "none"],
+        metavar="NAME",
+        help=f"score the images corrupted: {', '.join(n for n in options('shift') if n != 'none')}",
+    )
+    parser.add_argument(
+        "--severity",
+        type=int,
+        choices=range(0, 6),
+        metavar="N",
+        help="severity of --shift, 1 (mild) to 5 (severe); 0 is the clean image (default 3)",
+    )
+    parser.add_argument(
         "--batch-size", "--batch_size", type=_positive_int, metavar="N", help="images per batch"
     )
     parser.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N")
@@ -181,6 +194,10 @@ def to_overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"conformal={args.conformal}")
     if args.alpha is not None:
         overrides.append(f"conformal.alpha={args.alpha:g}")
+    if args.shift:
+        overrides.append(f"shift={args.shift}")
+    if args.severity is not None:
+        overrides.append(f"shift.severity={args.severity}")
     if args.batch_size:
         overrides.append(f"data.batch_size={args.batch_size}")
     if args.device:

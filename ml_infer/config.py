@@ -15,8 +15,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-# conf/config.yaml selects this sweeper for every sweep; importing it gives Hydra its config node.
-import hydra_plugins.ml_infer_sweeper
 from ml_infer.errors import UserError, one_of
 
 log = logging.getLogger(__name__)
@@ -148,8 +146,11 @@ def process_rank() -> int:
 
 
 def register_sweeper() -> None:
-    """Makes ml_infer's sweeper known to Hydra (which finds plugins only in installed
-    `hydra_plugins` folders, and an editable install is not one)."""
+    """Makes ml_infer's sweeper, which conf/config.yaml selects for every sweep, known to Hydra:
+    its config node and its class (Hydra finds plugins only in installed `hydra_plugins`
+    folders, and an editable install is not one). Called before composing conf/."""
     from hydra.core.plugins import Plugins
 
-    Plugins.instance().register(hydra_plugins.ml_infer_sweeper.MLInferSweeper)
+    from hydra_plugins.ml_infer_sweeper import MLInferSweeper
+
+    Plugins.instance().register(MLInferSweeper)

@@ -281,11 +281,17 @@ class JpegCompression(Corruption):
     parameters = (80, 65, 58, 50, 40)
 
     def apply(self, images: Tensor, severity: int, draws: dict[str, Tensor]) -> Tensor:
+        import warnings
+
         from torchvision.io import decode_jpeg, encode_jpeg
 
         pixels = list(images.mul(255.0).round_().to(torch.uint8).cpu())
-        encoded = encode_jpeg(pixels, quality=self.parameters[severity - 1])
-        decoded = torch.stack(decode_jpeg(encoded))
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they remain
+            # libjpeg, as the published corruption (Pillow) used.
+            warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+            encoded = encode_jpeg(pixels, quality=self.parameters[severity - 1])
+            decoded = torch.stack(decode_jpeg(encoded))
         return decoded.to(images.device, torch.float64) / 255.0
 
 

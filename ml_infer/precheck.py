@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.config import conf_dir, options
+from ml_infer.config import conf_dir, options, register_sweeper
 from ml_infer.errors import UserError, brief, one_of
 
 # Keys whose value names a yaml file in a conf/ folder rather than a config group option.
@@ -173,6 +173,8 @@ def _compose(config_name: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    register_sweeper()
 
     try:
         # job_name as Hydra names the job of `python -m ml_infer`, for ${hydra.job.name}

@@ -18,9 +18,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from ml_infer.config import conf_dir
+from ml_infer.config import conf_dir, register_sweeper
 
 CONF = conf_dir()
+register_sweeper()  # conf/config.yaml selects it
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough to train in seconds, good enough to score > 0.95 on the digits test split.
