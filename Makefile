@@ -58,8 +58,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ml_infer tests scripts
-	$(VENV)/bin/ruff format --check ml_infer tests scripts
+	$(VENV)/bin/ruff check ml_infer hydra_plugins tests scripts
+	$(VENV)/bin/ruff format --check ml_infer hydra_plugins tests scripts
 	$(VENV)/bin/mypy
 
 clean:

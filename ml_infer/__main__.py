@@ -93,7 +93,7 @@ def summary(metrics: dict[str, Any]) -> str:
         counts = ", ".join(f"{name} {count}" for name, count in m["predicted_counts"].items())
         return "\n".join(
             [
-                f"{m['strategy']} predicted {m['n']} images of {m['split']} "
+                f"{m['strategy']} predicted {m['n']} images of {m['split']}{shift_words(m)} "
                 f"({m['skipped_files']} files skipped): {m['views']} view(s) x {m['models']} "
                 f"model(s), {m['precision']} on {m['device']}",
                 f"  predicted: {counts}; mean confidence {m['mean_confidence']:.3f}",
@@ -103,7 +103,7 @@ def summary(metrics: dict[str, Any]) -> str:
         )
     return "\n".join(
         [
-            f"{m['strategy']} on {m['data']}/{m['split']} ({m['n']} images): "
+            f"{m['strategy']} on {m['data']}/{m['split']}{shift_words(m)} ({m['n']} images): "
             f"{m['views']} view(s) x "
             f"{m['models']} model(s) = {m['forward_passes_per_image']:g} forward passes per image, "
             f"{m['precision']} on {m['device']}",
@@ -117,6 +117,14 @@ def summary(metrics: dict[str, Any]) -> str:
             speed,
         ]
     )
+
+
+def shift_words(m: dict[str, Any]) -> str:
+    """How the summary names a shift: ' under gaussian_noise at severity 3', or nothing."""
+    if m.get("shift", "none") == "none" or not m.get("severity"):
+        return ""
+    applied = "" if m.get("shift_applied") else " (not applied: these images have no colour)"
+    return f" under {m['shift']} at severity {m['severity']}{applied}"
 
 
 def tune_summary(m: dict[str, Any]) -> str:

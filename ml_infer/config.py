@@ -48,6 +48,18 @@ def options(group: str) -> list[str]:
     return sorted({path.stem for path in _group_dirs(group) for path in path.glob("*.yaml")})
 
 
+CLEAN_SHIFT = "none"  # conf/shift/none.yaml: the images as they are
+
+
+def corruption_names() -> list[str]:
+    """The corruptions `shift=` offers (conf/shift/ less `none`).
+
+    >>> "pixelate" in corruption_names() and "none" not in corruption_names()
+    True
+    """
+    return [name for name in options("shift") if name != CLEAN_SHIFT]
+
+
 def group_file(group: str, name: str) -> Path:
     """The yaml file of option `name` of `group` (conf/ first, then ./presets/)."""
     for folder in _group_dirs(group):

@@ -56,7 +56,8 @@ class Corruption:
         raise NotImplementedError
 
     def applies_to(self, channels: int) -> bool:
-        return channels == 3 or not self.needs_colour
+        """Gray (1) or RGB (3) images; colour corruptions only RGB."""
+        return channels == 3 or (channels == 1 and not self.needs_colour)
 
     def __call__(
         self, images: Tensor, severity: int, generators: Sequence[torch.Generator]
@@ -123,9 +124,10 @@ def taps_along(images: Tensor, dim: int, index: Tensor, weight: Tensor) -> Tenso
     return out
 
 
-def gaussian_weights(sigma: float, radius: int) -> Tensor:
-    """A normalised Gaussian kernel over -radius..radius (scipy.ndimage's)."""
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+def gaussian_weights(sigma: float, radius: int, one_sided: bool = False) -> Tensor:
+    """A normalised Gaussian kernel over offsets -radius..radius (scipy.ndimage's, OpenCV's), or
+    over 0..radius when `one_sided` (ImageMagick's motion blur)."""
+    offsets = torch.arange(0 if one_sided else -radius, radius + 1, dtype=torch.float64)
     weights = torch.exp(-0.5 * offsets**2 / sigma**2)
     return weights / weights.sum()
 
@@ -296,12 +298,15 @@ class JpegCompression(Corruption):
 
 
 class Pixelate(Corruption):
-    """Averaged down to int(side * fraction) pixels and back up, each pixel the area-weighted
-    mean of the pixels it overlaps. The published code resizes with Pillow's BOX filter, which
-    takes each input pixel whole or not at all by where its centre falls; on images under 32
-    pixels that aliases (an 8-pixel digit changes more at 6 pixels than at 5), area weights do
-    not. An 8-pixel side has only 7, 7, 6, 6 and 5 pixels to go down to: severities 1 and 2, and
-    3 and 4, are then the same.
+    """Down to int(side * fraction) pixels and back up, as published, but each pixel the
+    area-weighted mean of the pixels it overlaps, both ways. The published code resizes with
+    Pillow's BOX filter, which takes an input pixel whole or not at all by where its centre
+    falls: at 32 -> 30 pixels it mostly copies pixels, so its mild severities change little and
+    its effect jumps with the size, and on images under 32 pixels it aliases (an 8-pixel digit
+    changed more at 6 pixels than at 5). Area weights grow smoothly with severity; on 32-pixel
+    photo patches they change an image more than published at severity 1 (mean absolute change
+    0.012 vs 0.004) and about as much at 5 (0.019 vs 0.021). An 8-pixel side has only 7, 7, 6,
+    6 and 5 pixels to go down to: severities 1 and 2, and 3 and 4, are then the same.
     """
 
     name = "pixelate"

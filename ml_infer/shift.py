@@ -4,9 +4,10 @@ A corruption is applied to the [0, 1] images before test-time views and normalis
 per run, in batches. Its random numbers come from a generator per image seeded by (data set,
 image id, corruption, seed): the same pixels in every run, process, batch size and strategy, so
 that comparisons under shift stay paired. The seed leaves out the severity on purpose: the
-severities of one image share their random numbers (the same noise, scaled), so that a higher
-severity changes the same image more rather than differently. Severity 0 is the clean data set
-itself (the same tensor).
+severities of one image share their random numbers (the same Gaussian noise, scaled; the same
+salt-and-pepper positions, more of them; the same blur angle and warp), so that a higher severity
+changes the same image more rather than differently. Shot noise is the exception: a Poisson
+draw at another rate is another draw. Severity 0 is the clean data set itself (the same tensor).
 
 The calibration split is never shifted: whatever a strategy fits (temperature, conformal
 thresholds, learned weights, cascade thresholds) is fitted on clean images, as it would be
@@ -24,14 +25,13 @@ from typing import Any
 
 import torch
 
-from ml_infer.config import instantiate, options
+from ml_infer.config import CLEAN_SHIFT, corruption_names, instantiate, options
 from ml_infer.corruptions import Corruption, check_severity
 from ml_infer.data import TensorImages
 from ml_infer.errors import UserError, one_of
 
 log = logging.getLogger(__name__)
 
-CLEAN = "none"
 BATCH_SIZE = 256
 
 
@@ -39,7 +39,7 @@ BATCH_SIZE = 256
 class Shift:
     """What `shift.*` asks for: a corruption (None for clean), its severity and seed."""
 
-    name: str = CLEAN
+    name: str = CLEAN_SHIFT
     severity: int = 0
     seed: int = 0
     corruption: Corruption | None = None
@@ -57,18 +57,18 @@ def shift_of(cfg: Any) -> Shift:
     block = cfg.get("shift")
     if block is None:
         return Shift()
-    name = str(block.get("name", CLEAN))
+    name = str(block.get("name", CLEAN_SHIFT))
     severity = check_severity(block.get("severity", 0))
     seed = block.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"shift.seed must be an integer, got {seed!r}")
     if block.get("corruption") is None:
-        if name != CLEAN:
+        if name != CLEAN_SHIFT:
             raise one_of("shift", name, options("shift"))
         if severity != 0:
             raise UserError(
                 f"shift.severity={severity} needs a corruption: add shift=NAME, one of "
-                f"{[option for option in options('shift') if option != CLEAN]}"
+                f"{corruption_names()}"
             )
         return Shift(seed=seed)
     corruption = instantiate(block.corruption)
@@ -112,19 +112,18 @@ def corrupt(
 def shifted(dataset: TensorImages, shift: Shift, data: str) -> tuple[TensorImages, dict[str, Any]]:
     """The data set under `shift` (the data set itself when clean), and what to report of it:
     the shift, whether it applied to these images, and the mean absolute pixel change."""
-    report: dict[str, Any] = shift.describe()
+    unchanged = shift.describe() | {"shift_applied": False, "shift_mean_abs_change": 0.0}
     if shift.is_clean:
-        return dataset, report | {"shift_applied": False, "shift_mean_abs_change": 0.0}
+        return dataset, unchanged
     assert shift.corruption is not None
     clean = _pixels(dataset)
     if not shift.corruption.applies_to(clean.shape[1]):
         log.warning(
-            "shift %s changes colour and leaves these %d-channel images as they are: scored as "
-            "clean",
+            "shift %s does not apply to %d-channel images: they are scored as they are",
             shift.name,
             clean.shape[1],
         )
-        return dataset, report | {"shift_applied": False, "shift_mean_abs_change": 0.0}
+        return dataset, unchanged
     images = torch.empty(clean.shape, dtype=torch.float32)
     change = 0.0
     for start in range(0, len(clean), BATCH_SIZE):
@@ -138,14 +137,16 @@ def shifted(dataset: TensorImages, shift: Shift, data: str) -> tuple[TensorImage
     result.id_name = dataset.id_name
     result.shift = shift.describe()
     log.info("shift %s, severity %d: %d images", shift.name, shift.severity, len(images))
-    return result, report | {
+    return result, shift.describe() | {
         "shift_applied": True,
         "shift_mean_abs_change": change / max(1, images.numel()),
     }
 
 
 def _pixels(dataset: Any) -> torch.Tensor:
-    """Every image of the data set as float [N, C, H, W] in [0, 1]."""
+    """Every image of the data set as float [N, C, H, W] in [0, 1] (uint8 scaled)."""
     if hasattr(dataset, "pixels"):
-        return dataset.pixels().float()
-    return torch.stack([dataset[i][0] for i in range(len(dataset))]).float()
+        images = dataset.pixels()
+    else:
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()

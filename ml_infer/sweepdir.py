@@ -97,10 +97,17 @@ def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
         isinstance(checkpoints, list) and all(isinstance(c, str) for c in checkpoints)
     ):
         return f"has checkpoint_sha256={checkpoints!r:.40}, not a list of digests"
-    for name in ("strategy", "data", "split", "tta_aggregation", "ensemble_aggregation"):
+    for name in ("strategy", "data", "split", "tta_aggregation", "ensemble_aggregation", "shift"):
         value = metrics.get(name)
         if value is not None and not isinstance(value, str):
             return f"has {name}={value!r:.40}, not a name"
+    severity = metrics.get("severity")
+    if severity is not None and (isinstance(severity, bool) or not isinstance(severity, int)):
+        return f"has severity={severity!r:.40}, not a whole number"
+    if not isinstance(metrics.get("shift_applied", False), bool):
+        return f"has shift_applied={metrics['shift_applied']!r:.40}, not true or false"
+    if metrics.get("shift_applied") and severity is None:
+        return "has a shift applied without its severity"
     for low, high in (
         ("accuracy_ci95_low", "accuracy_ci95_high"),
         ("accuracy_delta_ci95_low", "accuracy_delta_ci95_high"),
@@ -135,15 +142,13 @@ def risk_curves(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], floa
 
     curves: dict[str, tuple[list[float], float]] = {}
     for row in rows:
-        path = Path(str(row.get("run_dir", ""))) / "predictions.csv"
+        records = read_predictions(row)
         try:
-            with path.open(newline="") as handle:
-                records = list(csv.DictReader(handle))
-            confidence = [float(r[f"prob_{r['pred']}"]) for r in records]
-            correct = [r["label"] == r["pred"] for r in records]
-        except (OSError, KeyError, ValueError, csv.Error):
+            confidence = [float(r[f"prob_{r['pred']}"]) for r in records or []]
+            correct = [r["label"] == r["pred"] for r in records or []]
+        except (KeyError, ValueError):
             continue
-        if len(records) < 2:
+        if records is None or len(records) < 2:
             continue
         probs = torch.tensor(confidence, dtype=torch.float64).view(-1, 1)
         risks = risk_coverage(
@@ -151,8 +156,31 @@ def risk_curves(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], floa
             torch.zeros(len(records), dtype=torch.long),
             torch.tensor([0 if c else 1 for c in correct]),
         )
-        curves[str(row.get("run", path.parent.name))] = (risks.tolist(), aurc(risks))
+        curves[str(row.get("run", row.get("run_dir")))] = (risks.tolist(), aurc(risks))
     return curves
+
+
+def read_predictions(row: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The rows of a run's predictions.csv (read as text), or None when it cannot be read."""
+    path = Path(str(row.get("run_dir", ""))) / "predictions.csv"
+    try:
+        with path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+
+
+def correct_by_id(row: dict[str, Any]) -> dict[str, bool] | None:
+    """Per image id (the first column of predictions.csv: index or path): whether the run
+    predicted the image's label; None when its predictions cannot be read."""
+    records = read_predictions(row)
+    if not records:
+        return None
+    id_column = next(iter(records[0]))
+    try:
+        return {record[id_column]: record["label"] == record["pred"] for record in records}
+    except KeyError:
+        return None
 
 
 def reliability_of_runs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -40,6 +40,7 @@ from ml_infer.evaluate import build_views, load_inputs, plain_predictor
 from ml_infer.outputs import atomic_write, sweep_dir, write_json
 from ml_infer.runners import build_runner
 from ml_infer.selection import OBJECTIVES, caruana, greedy_policy, objective
+from ml_infer.shift import shift_of
 from ml_infer.store import open_store
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UserError(f"tune.{key} must be a whole number >= 0, got {value!r}")
-    if cfg.get("shift") is not None and cfg.shift.get("corruption") is not None:
+    if not shift_of(cfg).is_clean:
         raise UserError(
             f"mode=tune chooses on the clean calibration split; shift={cfg.shift.name} applies "
             "to scored images: tune without it, then score the presets under shift"

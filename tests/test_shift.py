@@ -84,9 +84,9 @@ def test_severity_zero_is_the_clean_data_set_itself(name, digits):
 @pytest.mark.parametrize("name", NAMES)
 def test_pixels_stay_valid_and_depend_only_on_the_image(name, photos):
     """In [0, 1], float32, and image k's pixels are the same in a batch of one and of 256."""
-    images = photos.repeat(6, 1, 1, 1)[:256]
+    images = photos[:, :, 8:24, 8:24].repeat(6, 1, 1, 1)[:256]  # 16 x 16: the same code paths
     ids = list(range(256))
-    for severity in (1, 3, 5):
+    for severity in (1, 5):
         batch = corrupt(images, ids, "photos", shift(name, severity))
         assert batch.dtype == torch.float32 and batch.shape == images.shape
         assert float(batch.min()) >= 0.0 and float(batch.max()) <= 1.0

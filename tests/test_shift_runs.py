@@ -118,13 +118,14 @@ def test_two_processes_under_shift_give_the_one_process_answer(runs_dir, tmp_pat
 @pytest.mark.slow
 def test_a_shift_sweep_runs_clean_once_and_compares_under_shift(runs_dir, tmp_path):
     sweep = tmp_path / "sweep"
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli(
         [
             "ml_infer",
             "-m",
             "+experiment=shift",
             f"runs_dir={runs_dir}",
-            "tracking=none",
+            f"tracking.uri={store}",
             f"hydra.sweep.dir={sweep}",
             "strategy=standard,ensemble",
             "shift=none,saturate,gaussian_noise,contrast",
@@ -163,10 +164,34 @@ def test_a_shift_sweep_runs_clean_once_and_compares_under_shift(runs_dir, tmp_pa
     standard_line = next(
         row for row in report.splitlines() if row.startswith("| strategy=standard |")
     )
-    assert standard_line.split("|")[4].strip() == "100.0"  # mCE of standard against itself
+    assert standard_line.split("|")[4].strip() == "100.0 (2)"  # mCE of standard, 2 corruptions
     for picture in ("shift_heatmap.png", "shift_severity.png", "pareto.png"):
         assert (sweep / picture).stat().st_size > 10_000
     assert "forward passes computed for predictions" in result.stdout
+    # The same comparison read back from MLflow (no predictions there: no deltas, the rest).
+    report = run_cli(
+        [
+            "ml_infer.report",
+            "ml_infer-digits",
+            "--tracking-uri",
+            store,
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    from_mlflow = (tmp_path / "r" / "comparison.md").read_text()
+    assert "## Under shift" in from_mlflow and "| strategy=standard | 0.9" in from_mlflow
+    assert from_mlflow.count("shift=none") == 2  # the clean table holds only the clean runs
+
+
+@pytest.mark.slow
+def test_hydras_own_plugin_scan_loads_the_sweeper():
+    """Run from the repository root, Hydra's scan of `hydra_plugins` executes the sweeper's
+    module itself (outside sys.modules): the training app must still start."""
+    result = run_cli(["ml_infer.train", "--cfg", "job"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "folds:" in result.stdout
 
 
 @pytest.mark.slow

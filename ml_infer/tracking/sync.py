@@ -256,6 +256,10 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
                 "forward_passes_per_image": int(
                     run.data.metrics.get("forward_passes_per_image", 0)
                 ),
+                # The shift: its name is a param; a corruption that changed no pixel did not apply.
+                "shift": params.get("shift.name", "none"),
+                "severity": int(run.data.metrics.get("severity", 0)),
+                "shift_applied": run.data.metrics.get("shift_mean_abs_change", 0.0) > 0,
             }
         )
     return rows
