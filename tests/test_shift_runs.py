@@ -68,6 +68,7 @@ def test_every_strategy_runs_under_shift(strategy, runs_dir, tmp_path):
     assert shifted["accuracy_delta_vs_standard"] == pytest.approx(delta, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_severity_zero_is_the_clean_run_and_the_store_keys_each_severity(runs_dir, tmp_path):
     store = tmp_path / "store"
     common = ["strategy=ensemble", f"engine.store={store}"]
@@ -85,6 +86,7 @@ def test_severity_zero_is_the_clean_run_and_the_store_keys_each_severity(runs_di
     assert {e["parts"].get("shift", {}).get("severity") for e in entries} >= {None, 2, 3}
 
 
+@pytest.mark.slow
 def test_what_a_strategy_fits_it_fits_on_clean_images(runs_dir, tmp_path):
     calibrated = ["calibration=temperature", "conformal=lac"]
     clean, _ = evaluated(runs_dir, tmp_path / "clean", *calibrated)
