@@ -131,6 +131,8 @@ class DigitsDataset(TensorImages):
         test_fraction: float = 0.2,
         image_size: Sequence[int] | None = None,
         channels: int = 1,
+        resize: int | None = None,
+        interpolation: str = "bilinear",
     ):
         if split not in SPLITS:
             raise one_of("split", split, SPLITS)
@@ -140,7 +142,13 @@ class DigitsDataset(TensorImages):
             labels, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction
         )[split]
         images = torch.from_numpy(digits.images[ids]).float().div_(16.0).unsqueeze(1)
-        images = fit_images(images, image_size=image_size, channels=channels)
+        images = fit_images(
+            images,
+            image_size=image_size,
+            channels=channels,
+            resize=resize,
+            interpolation=interpolation,
+        )
         super().__init__(
             images=images,
             labels=torch.from_numpy(labels[ids]),
@@ -179,6 +187,8 @@ class ImageFolderDataset(TensorImages):
         image_size: Sequence[int] | int | None = None,
         channels: int = 3,
         decode_threads: int = 4,
+        resize: int | None = None,
+        interpolation: str = "bilinear",
     ):
         root = Path(root)
         where = split_dir(root, split)
@@ -209,6 +219,8 @@ class ImageFolderDataset(TensorImages):
             image_size=image_size,
             channels=channels,
             threads=decode_threads,
+            resize=resize,
+            interpolation=interpolation,
         )
         for label, name in enumerate(classes):
             if not (loaded["labels"] == label).any():
@@ -230,6 +242,8 @@ class UnlabelledImages(TensorImages):
         image_size: Sequence[int] | int | None = None,
         channels: int = 3,
         decode_threads: int = 4,
+        resize: int | None = None,
+        interpolation: str = "bilinear",
     ):
         root = Path(root)
         if not root.is_dir():
@@ -245,6 +259,8 @@ class UnlabelledImages(TensorImages):
             image_size=image_size,
             channels=channels,
             threads=decode_threads,
+            resize=resize,
+            interpolation=interpolation,
         )
         super().__init__(**loaded, classes=[])
 

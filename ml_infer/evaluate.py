@@ -28,7 +28,7 @@ from ml_infer.config import instantiate_named, plain_dict
 from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
-from ml_infer.inputs import InputSpec
+from ml_infer.inputs import InputSpec, torchvision_weights_input
 from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
@@ -311,20 +311,32 @@ def plain_predictor(cfg: DictConfig, inputs: Inputs, views: Views, device: Any) 
 
 
 def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:
-    """`checkpoint.input` for checkpoints that do not describe their input themselves."""
+    """`checkpoint.input` for checkpoints that do not describe their input themselves: a
+    torchvision weights entry's evaluation transform, or size, mean and std given."""
     given = cfg.checkpoint.input
+    if given.get("weights"):
+        return torchvision_weights_input(str(given.weights))
     if given.size is None or given.mean is None or given.std is None:
         raise UserError(
             f"checkpoint {path} does not describe its input; set checkpoint.input.size=[H,W] "
-            "checkpoint.input.mean=[...] checkpoint.input.std=[...] (one value per channel)"
+            "checkpoint.input.mean=[...] checkpoint.input.std=[...] (one value per channel), "
+            "or checkpoint.input.weights=<a torchvision weights entry>"
         )
     return InputSpec.from_dict(
-        {"size": given.size, "channels": len(given.mean), "mean": given.mean, "std": given.std}
+        {
+            "size": given.size,
+            "channels": len(given.mean),
+            "mean": given.mean,
+            "std": given.std,
+            "resize": given.get("resize"),
+            "crop_pct": given.get("crop_pct"),
+            "interpolation": given.get("interpolation"),
+        }
     )
 
 
 def _fit_of(input_spec: InputSpec) -> dict[str, Any]:
-    return {"image_size": list(input_spec.size), "channels": input_spec.channels}
+    return input_spec.fit()
 
 
 def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:

@@ -71,9 +71,18 @@ def load_images(
     image_size: Sequence[int] | int | None,
     channels: int,
     threads: int,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
 ) -> dict[str, Any]:
     """`TensorImages` arguments for the files that decode; the others join the skipped list."""
-    decoded = decode_images(paths, image_size=image_size, channels=channels, threads=threads)
+    decoded = decode_images(
+        paths,
+        image_size=image_size,
+        channels=channels,
+        threads=threads,
+        resize=resize,
+        interpolation=interpolation,
+    )
     kept = [i for i, image in enumerate(decoded.images) if image is not None]
     skipped = skipped + [
         SkippedFile(relative_path(paths[i], root), decoded.errors[i]) for i in decoded.failed

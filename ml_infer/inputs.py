@@ -22,15 +22,25 @@ from torch import Tensor
 
 from ml_infer.errors import UserError, brief
 
+INTERPOLATIONS = ("bilinear", "bicubic")
+
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """What a model expects: image size, channels, and the normalisation of [0, 1] pixels."""
+    """What a model expects: image size, channels, and the normalisation of [0, 1] pixels.
+
+    With `resize`, a photo is first resized so that its shorter side is `resize` pixels and then
+    cropped to `size` about its centre (torchvision's and timm's evaluation transform: resize
+    256, crop 224); without, it is resized to `size` directly. `interpolation` is the filter of
+    that resize (antialiased, as Pillow's resize always is).
+    """
 
     size: tuple[int, int]
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize: int | None = None
+    interpolation: str = "bilinear"
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> InputSpec:
@@ -49,9 +59,21 @@ class InputSpec:
                 channels=int(spec["channels"]),
                 mean=tuple(float(m) for m in spec["mean"]),
                 std=tuple(float(s) for s in spec["std"]),
+                resize=_resize_of(spec, size),
+                interpolation=str(spec.get("interpolation") or "bilinear"),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise UserError(f"input spec {dict(spec)} is malformed ({error!r})") from None
+        if result.interpolation not in INTERPOLATIONS:
+            raise UserError(
+                f"input interpolation {result.interpolation!r} is not one of {list(INTERPOLATIONS)}"
+            )
+        if result.resize is not None and not min(result.size) <= result.resize <= 4 * max(
+            result.size
+        ):
+            raise UserError(
+                f"input resize {result.resize} must be at least the crop size {list(result.size)}"
+            )
         if len(result.size) != 2 or min(result.size) < 1:
             raise UserError(f"input size must be [height, width] > 0, got {list(result.size)}")
         if result.size[0] * result.size[1] > MAX_IMAGE_PIXELS:
@@ -82,12 +104,60 @@ class InputSpec:
         return (images - mean) / std
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "size": list(self.size),
             "channels": self.channels,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.resize is not None:
+            found |= {"resize": self.resize, "interpolation": self.interpolation}
+        return found
+
+    def fit(self) -> dict[str, Any]:
+        """What a data set needs to make images of this input: size and channels, and the
+        resize before the centre crop when there is one."""
+        found: dict[str, Any] = {"image_size": list(self.size), "channels": self.channels}
+        if self.resize is not None:
+            found |= {"resize": self.resize, "interpolation": self.interpolation}
+        return found
+
+
+def _resize_of(spec: Mapping[str, Any], size: tuple[int, ...]) -> int | None:
+    """`resize`, or the shorter side timm resizes to for `crop_pct`: floor(size / crop_pct)."""
+    if spec.get("resize") is not None:
+        return int(spec["resize"])
+    crop_pct = spec.get("crop_pct")
+    if crop_pct is None:
+        return None
+    if not 0 < float(crop_pct) <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return math.floor(min(size) / float(crop_pct))
+
+
+def torchvision_weights_input(name: str) -> InputSpec:
+    """The evaluation input of a torchvision weights entry (e.g. `ResNet18_Weights.IMAGENET1K_V1`:
+    resize 256, crop 224, bilinear, ImageNet's mean and std), read from its metadata: the
+    weights themselves are not downloaded."""
+    from torchvision.models import get_weight
+
+    try:
+        transform = get_weight(name).transforms()
+    except (ValueError, KeyError, AttributeError) as error:
+        raise UserError(
+            f"checkpoint.input.weights={name!r} is not a torchvision weights entry "
+            f"(e.g. ResNet18_Weights.IMAGENET1K_V1): {brief(error, 120)}"
+        ) from None
+    return InputSpec.from_dict(
+        {
+            "size": list(transform.crop_size) * (2 // len(transform.crop_size)),
+            "channels": 3,
+            "mean": list(transform.mean),
+            "std": list(transform.std),
+            "resize": transform.resize_size[0],
+            "interpolation": transform.interpolation.value,
+        }
+    )
 
 
 # torchvision's rgb_to_grayscale weights, so `Contrast` matches `adjust_contrast` exactly.
@@ -105,9 +175,25 @@ def grayscale(images: Tensor) -> Tensor:
     return (weights[0] * red + weights[1] * green + weights[2] * blue).unsqueeze(-3)
 
 
-def fit_images(images: Tensor, *, image_size: Sequence[int] | None, channels: int) -> Tensor:
-    """Resizes a [N, C, H, W] batch and converts gray <-> RGB to what a model expects."""
-    if image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
+def fit_images(
+    images: Tensor,
+    *,
+    image_size: Sequence[int] | None,
+    channels: int,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+) -> Tensor:
+    """Resizes a [N, C, H, W] batch (with `resize`: the shorter side, then a centre crop to
+    `image_size`) and converts gray <-> RGB to what a model expects."""
+    if resize is not None and image_size is not None:
+        from torchvision.transforms.v2 import functional
+
+        mode = {"bilinear": functional.InterpolationMode.BILINEAR}.get(
+            interpolation, functional.InterpolationMode.BICUBIC
+        )
+        images = functional.resize(images, [resize], interpolation=mode, antialias=True)
+        images = functional.center_crop(images, list(image_size)).clamp_(0.0, 1.0)
+    elif image_size is not None and tuple(images.shape[-2:]) != tuple(image_size):
         images = torch.nn.functional.interpolate(
             images, size=tuple(image_size), mode="bilinear", antialias=True, align_corners=False
         ).clamp_(0.0, 1.0)
@@ -136,6 +222,8 @@ def decode_images(
     image_size: Sequence[int] | int | None,
     channels: int,
     threads: int = 4,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
 ) -> DecodedImages:
     """Decodes, converts and resizes every file; failures are recorded, never raised.
 
@@ -146,9 +234,16 @@ def decode_images(
     if channels not in (1, 3):
         raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
     key = _decode_key(paths, image_size, channels)
+    key = None if key is None else (*key, resize, interpolation)
     if key is not None and _last_decoded.get("key") == key:
         return _last_decoded["value"]  # type: ignore[no-any-return]
-    decoded = _decode(paths, image_size=image_size, channels=channels, threads=threads)
+    decoded = _decode(
+        paths,
+        image_size=image_size,
+        channels=channels,
+        threads=threads,
+        crop=(resize, interpolation),
+    )
     pixels = sum(image.nbytes for image in decoded.images if image is not None)
     _last_decoded.clear()
     if key is not None and pixels <= _CACHE_BYTES:
@@ -179,6 +274,7 @@ def _decode(
     image_size: Sequence[int] | int | None,
     channels: int,
     threads: int,
+    crop: tuple[int | None, str] = (None, "bilinear"),
 ) -> DecodedImages:
     size = _size_pair(image_size)
     if size is None:
@@ -186,7 +282,9 @@ def _decode(
 
     def decode(path: Path) -> np.ndarray | str:
         try:
-            return read_image(path, size=size, channels=channels)
+            return read_image(
+                path, size=size, channels=channels, resize=crop[0], interpolation=crop[1]
+            )
         except ImageTooLarge as error:
             return str(error)
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
@@ -228,8 +326,17 @@ def _own_size_limit() -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = limit
 
 
-def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode."""
+def read_image(
+    path: Path,
+    *,
+    size: tuple[int, int],
+    channels: int,
+    resize: int | None = None,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
+    """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode: resized to
+    `size`, or, with `resize`, its shorter side to `resize` and then cropped to `size` about its
+    centre, as torchvision's Resize(resize) + CenterCrop(size) do to a PIL image."""
     from PIL import Image
 
     with Image.open(path) as image:
@@ -248,10 +355,46 @@ def read_image(path: Path, *, size: tuple[int, int], channels: int) -> np.ndarra
             image = image.convert("RGB")
         else:
             raise UserError(f"image channels must be 1 or 3, got {channels}")
-        if image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        resample = {
+            "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC,
+        }[interpolation]
+        if resize is not None:
+            image = centre_crop(image.resize(shorter_side(image.size, resize), resample), size)
+        elif image.size != (size[1], size[0]):
+            image = image.resize((size[1], size[0]), resample)
         array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def shorter_side(size: tuple[int, int], shorter: int) -> tuple[int, int]:
+    """(width, height) with the shorter side `shorter` and the aspect kept, rounded down as
+    torchvision's Resize(int) rounds.
+
+    >>> shorter_side((640, 480), 256)
+    (341, 256)
+    """
+    width, height = size
+    if width <= height:
+        return shorter, int(shorter * height / width)
+    return int(shorter * width / height), shorter
+
+
+def centre_crop(image: Any, size: tuple[int, int]) -> Any:
+    """The (H, W) `size` centre of a PIL image, at torchvision's CenterCrop offsets
+    (round((side - crop) / 2)); a crop larger than the image is padded with black as there."""
+    from PIL import Image
+
+    height, width = size
+    if image.width < width or image.height < height:
+        padded = Image.new(image.mode, (max(width, image.width), max(height, image.height)))
+        padded.paste(
+            image, ((padded.width - image.width) // 2, (padded.height - image.height) // 2)
+        )
+        image = padded
+    top = round((image.height - height) / 2.0)
+    left = round((image.width - width) / 2.0)
+    return image.crop((left, top, left + width, top + height))
 
 
 def _to_8bit(image: Any) -> Any:

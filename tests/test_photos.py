@@ -1,0 +1,147 @@
+"""The photo pipeline: resize the shorter side, crop the centre, at the interpolation asked for,
+equal to torchvision's transforms on the same files; a torchvision weights entry's evaluation
+transform without downloading its weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ml_infer.data import ImageFolderDataset
+from ml_infer.errors import UserError
+from ml_infer.inputs import InputSpec, torchvision_weights_input
+from ml_infer.task import run_evaluation
+
+from .conftest import compose_config
+
+# (width, height) of the photographs written: landscape, portrait, square, odd sizes.
+SIZES = [(512, 384), (300, 457), (256, 256), (391, 263), (480, 321), (267, 400)]
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of JPEG photographs (scikit-image's bundled ones, resized), two classes."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    sources = {"cat": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
+    for label, photo in sources.items():
+        (root / label).mkdir()
+        for k, (width, height) in enumerate(SIZES):
+            image = Image.fromarray(photo).resize((width, height), Image.Resampling.BICUBIC)
+            image.save(root / label / f"{k}.jpg", quality=90)
+    return root
+
+
+def torchvision_pixels(path: Path, resize: int, crop: int, interpolation: str) -> torch.Tensor:
+    from PIL import Image
+    from torchvision import transforms
+
+    mode = transforms.InterpolationMode(interpolation)
+    pipeline = transforms.Compose(
+        [transforms.Resize(resize, mode, antialias=True), transforms.CenterCrop(crop)]
+    )
+    with Image.open(path) as image:
+        return transforms.functional.pil_to_tensor(pipeline(image.convert("RGB")))
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_resize_and_centre_crop_equal_torchvisions(photo_folder, interpolation):
+    data = ImageFolderDataset(
+        photo_folder, image_size=(224, 224), resize=256, interpolation=interpolation
+    )
+    assert data.images.shape == (12, 3, 224, 224)
+    for image, path in zip(data.images, data.sample_ids):
+        expected = torchvision_pixels(photo_folder / path, 256, 224, interpolation)
+        assert torch.equal(image, expected), path
+
+
+def test_a_crop_larger_than_the_resized_photo_is_padded_as_torchvision_pads(photo_folder):
+    data = ImageFolderDataset(photo_folder, image_size=(300, 300), resize=256)
+    for image, path in zip(data.images, data.sample_ids):
+        assert torch.equal(image, torchvision_pixels(photo_folder / path, 256, 300, "bilinear"))
+
+
+def test_timms_crop_pct_gives_the_resize():
+    spec = InputSpec.from_dict(
+        {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875}
+    )
+    assert spec.resize == math.floor(224 / 0.875) == 256 and spec.interpolation == "bilinear"
+    assert InputSpec.from_dict(spec.to_dict()) == spec  # written into checkpoints and read back
+
+
+def test_a_torchvision_weights_entry_gives_its_transform_without_downloading(
+    photo_folder, monkeypatch
+):
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    spec = torchvision_weights_input("ResNet18_Weights.IMAGENET1K_V1")
+    assert (spec.size, spec.resize, spec.interpolation) == ((224, 224), 256, "bilinear")
+    data = ImageFolderDataset(photo_folder, **spec.fit())
+    reference = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    from PIL import Image
+
+    for image, path in zip(data.pixels(), data.sample_ids):
+        with Image.open(photo_folder / path) as photo:
+            expected = reference(photo.convert("RGB"))
+        assert torch.allclose(spec.normalise(image), expected, atol=1e-6), path
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"interpolation": "nearest"}, "input interpolation 'nearest' is not one of"),
+        ({"resize": 100}, "input resize 100 must be at least the crop size"),
+        ({"crop_pct": 1.5}, "crop_pct must be in"),
+    ],
+)
+def test_a_bad_photo_transform_says_what_is_wrong(spec, message):
+    base = {"size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(UserError, match=message):
+        InputSpec.from_dict(base | spec)
+    with pytest.raises(UserError, match="is not a torchvision weights entry"):
+        torchvision_weights_input("ResNet18_Weights.NOPE")
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_with_its_weights_transform_scores_a_photo_folder(
+    photo_folder, tmp_path
+):
+    """A plain resnet18 state dict (random weights, saved as torchvision saves them) scored on
+    the photo folder gives the probabilities torchvision's model and transform give."""
+    import torchvision
+    from PIL import Image
+
+    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(model.state_dict(), path)
+    overrides = [
+        "model=resnet18",
+        f"ensemble.checkpoints=[{path}]",
+        "checkpoint.input.weights=ResNet18_Weights.IMAGENET1K_V1",
+        "data=imagefolder",
+        f"data.root={photo_folder}",
+        "engine.fold_batch_norm=false",
+    ]
+    run_evaluation(compose_config(overrides), output_dir=tmp_path / "run")
+    import csv
+
+    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    transform = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    for row in rows:
+        with Image.open(photo_folder / row["path"]) as photo:
+            batch = transform(photo.convert("RGB"))[None]
+        with torch.inference_mode():
+            expected = model(batch).softmax(dim=1)[0].numpy()
+        ours = np.array([float(row["prob_cat"]), float(row["prob_coffee"])])
+        assert np.abs(ours - expected).max() < 1e-4, row["path"]
