@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	# The torch pair this machine class serves from disk, installed first and pinned for the rest.
 	$(PY) -m pip install --quiet -c constraints.txt torch torchvision
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,timm]'
 	touch $@
 
 runs/digits/fold_4/weights/best.pt: | $(STAMP)

@@ -23,8 +23,8 @@ from torch import nn
 from ml_infer.checkpoints import CheckpointFile, open_checkpoint
 from ml_infer.config import instantiate
 from ml_infer.errors import UserError
-from ml_infer.inputs import InputSpec
-from ml_infer.models import checked_architecture
+from ml_infer.inputs import InputSpec, torchvision_weights_input
+from ml_infer.models import checked_architecture, timm_input
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +270,35 @@ def _unwrapped(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Ten
         if state_dict and all(key.startswith(prefix) for key in state_dict):
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
     return state_dict
+
+
+def configured_input_spec(cfg: Any, path: Path) -> InputSpec:
+    """`checkpoint.input` for checkpoints that do not describe their input themselves: a
+    torchvision weights entry's evaluation transform, or size, mean and std given."""
+    given = cfg.checkpoint.input
+    if given.get("weights"):
+        return torchvision_weights_input(str(given.weights))
+    model = cfg.get("model")
+    if model is not None and model.get("_target_") == "ml_infer.models.timm_classifier":
+        # timm's own data config for the model, with what checkpoint.input sets on top
+        spec = timm_input(str(model.get("name"))) | {
+            key: value for key, value in given.items() if value is not None and key != "weights"
+        }
+        return InputSpec.from_dict(spec)
+    if given.size is None or given.mean is None or given.std is None:
+        raise UserError(
+            f"checkpoint {path} does not describe its input; set checkpoint.input.size=[H,W] "
+            "checkpoint.input.mean=[...] checkpoint.input.std=[...] (one value per channel), "
+            "or checkpoint.input.weights=<a torchvision weights entry>"
+        )
+    return InputSpec.from_dict(
+        {
+            "size": given.size,
+            "channels": len(given.mean),
+            "mean": given.mean,
+            "std": given.std,
+            "resize": given.get("resize"),
+            "crop_pct": given.get("crop_pct"),
+            "interpolation": given.get("interpolation"),
+        }
+    )

@@ -15,6 +15,9 @@ Other formats load too, none of them by unpickling code:
 - the seed project's `best.pt` (`model_state_dict`, optional `ema_state.ema_model_state`, and its
   run `config` with the input size and normalisation). Its numpy RNG state needs numpy's array
   reconstruction allow-listed, nothing more (`NUMPY_DATA_GLOBALS`);
+- timm's `train.py` checkpoints (`state_dict`, `state_dict_ema` or `model_ema` for
+  `use_ema=true`, `arch`, and its argparse arguments under `args`: an `argparse.Namespace`, a
+  plain attribute holder, allow-listed as data);
 - a plain state dict (a dict of tensors, or `{"state_dict": ...}`);
 - `.safetensors` weights.
 
@@ -29,6 +32,7 @@ named by the user's `model=` config instead.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import logging
@@ -91,7 +95,7 @@ class CheckpointFile:
 
     path: Path
     sha256: str
-    format: Literal["ml_infer", "seed", "state_dict", "safetensors"]
+    format: Literal["ml_infer", "seed", "timm", "state_dict", "safetensors"]
     state_dict: Mapping[str, torch.Tensor]
     ema_state_dict: Mapping[str, torch.Tensor] | None = None
     model_config: dict[str, Any] | None = None
@@ -115,6 +119,7 @@ def _numpy_data_globals() -> list[Any]:
     scalar = multiarray.scalar
     dtype_classes = [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
     return [
+        argparse.Namespace,  # timm's train.py saves its arguments: plain attributes, no code
         np.ndarray,
         np.dtype,
         reconstruct,
@@ -261,13 +266,24 @@ def _describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFi
             input_spec=_seed_input_spec(run_config, source),
             num_classes=num_classes,
         )
+    timm_ema = contents.get("state_dict_ema", contents.get("model_ema"))
+    if isinstance(contents.get("state_dict"), Mapping) and ("arch" in contents or timm_ema):
+        return CheckpointFile(
+            path,
+            digest,
+            "timm",
+            _state_dict(contents["state_dict"], path, "state_dict"),
+            ema_state_dict=None
+            if timm_ema is None
+            else _state_dict(timm_ema, path, "state_dict_ema"),
+        )
     state_dict = contents.get("state_dict", contents)
     if state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         return CheckpointFile(path, digest, "state_dict", state_dict)
     keys = ", ".join(sorted(map(str, contents))[:12])
     raise UserError(
-        f"checkpoint {path} is not a format ml_infer reads (ml_infer's, the seed's best.pt, a "
-        f"state dict, .safetensors); its keys: {keys}"
+        f"checkpoint {path} is not a format ml_infer reads (ml_infer's, the seed's best.pt, "
+        f"timm's, a state dict, .safetensors); its keys: {keys}"
     )
 
 

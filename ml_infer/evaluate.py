@@ -21,14 +21,19 @@ from torch import Tensor
 from ml_infer.aggregate import Aggregator, SoftVoting
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
-from ml_infer.bank import Classifier, expand_checkpoint_paths, load_ensemble
+from ml_infer.bank import (
+    Classifier,
+    configured_input_spec,
+    expand_checkpoint_paths,
+    load_ensemble,
+)
 from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
 from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
-from ml_infer.inputs import InputSpec, torchvision_weights_input
+from ml_infer.inputs import InputSpec
 from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
@@ -307,31 +312,6 @@ def plain_predictor(cfg: DictConfig, inputs: Inputs, views: Views, device: Any) 
         autocast_dtype=None,
         engine=EngineSettings.from_config(cfg.engine),
         member_names=[f"checkpoint {member.path}" for member in inputs.members],
-    )
-
-
-def configured_input_spec(cfg: DictConfig, path: Path) -> InputSpec:
-    """`checkpoint.input` for checkpoints that do not describe their input themselves: a
-    torchvision weights entry's evaluation transform, or size, mean and std given."""
-    given = cfg.checkpoint.input
-    if given.get("weights"):
-        return torchvision_weights_input(str(given.weights))
-    if given.size is None or given.mean is None or given.std is None:
-        raise UserError(
-            f"checkpoint {path} does not describe its input; set checkpoint.input.size=[H,W] "
-            "checkpoint.input.mean=[...] checkpoint.input.std=[...] (one value per channel), "
-            "or checkpoint.input.weights=<a torchvision weights entry>"
-        )
-    return InputSpec.from_dict(
-        {
-            "size": given.size,
-            "channels": len(given.mean),
-            "mean": given.mean,
-            "std": given.std,
-            "resize": given.get("resize"),
-            "crop_pct": given.get("crop_pct"),
-            "interpolation": given.get("interpolation"),
-        }
     )
 
 

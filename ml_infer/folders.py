@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml_infer.decode import decode_images
 from ml_infer.errors import UserError
-from ml_infer.inputs import decode_images
 
 log = logging.getLogger(__name__)
 

@@ -1,26 +1,23 @@
-"""What a model takes in: its input spec, and images decoded and converted to fit it.
-
-`InputSpec` says what a model expects (size, channels, normalisation of [0, 1] pixels). Image
-files of any mode (gray, RGB, RGBA, palette, 16-bit) are decoded in threads, converted to the
-model's channels and resized to its size; a file that cannot be used is recorded with the
-reason, never raised.
+"""What a model takes in: `InputSpec` (size, channels, normalisation of [0, 1] pixels, and for
+photos the resize before the centre crop), from a checkpoint, the config or a torchvision
+weights entry; and image batches converted to fit it. Files are decoded in `ml_infer.decode`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ml_infer.errors import UserError, brief
+
+# Larger images are skipped unread: PIL warns from this size on that a file may be a
+# decompression bomb (a small file that decodes to gigabytes).
+MAX_IMAGE_PIXELS = 89_478_485
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 
@@ -204,235 +201,3 @@ def fit_images(
     if channels == 1:
         return grayscale(images)
     raise UserError(f"cannot convert {images.shape[1]}-channel images to {channels} channels")
-
-
-@dataclasses.dataclass
-class DecodedImages:
-    images: list[np.ndarray | None]  # uint8 [C, H, W], None where decoding failed
-    errors: dict[int, str]
-
-    @property
-    def failed(self) -> list[int]:
-        return sorted(self.errors)
-
-
-def decode_images(
-    paths: Sequence[Path],
-    *,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int = 4,
-    resize: int | None = None,
-    interpolation: str = "bilinear",
-) -> DecodedImages:
-    """Decodes, converts and resizes every file; failures are recorded, never raised.
-
-    The jobs of a sweep run in one process under Hydra's basic launcher, each loading the same
-    folder: the last result is kept (up to 1 GiB of pixels) and served again while no file has
-    changed (same paths, sizes and modification times, same size and channels asked for).
-    """
-    if channels not in (1, 3):
-        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
-    key = _decode_key(paths, image_size, channels)
-    key = None if key is None else (*key, resize, interpolation)
-    if key is not None and _last_decoded.get("key") == key:
-        return _last_decoded["value"]  # type: ignore[no-any-return]
-    decoded = _decode(
-        paths,
-        image_size=image_size,
-        channels=channels,
-        threads=threads,
-        crop=(resize, interpolation),
-    )
-    pixels = sum(image.nbytes for image in decoded.images if image is not None)
-    _last_decoded.clear()
-    if key is not None and pixels <= _CACHE_BYTES:
-        _last_decoded.update(key=key, value=decoded)
-    return decoded
-
-
-# The last folder decoded (see decode_images): at most one, at most _CACHE_BYTES of pixels.
-_last_decoded: dict[str, Any] = {}
-_CACHE_BYTES = 1 << 30
-
-
-def _decode_key(
-    paths: Sequence[Path], image_size: Sequence[int] | int | None, channels: int
-) -> tuple[Any, ...] | None:
-    """What decoding depends on; None when a file cannot be looked at (decode it again)."""
-    try:
-        files = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
-    except OSError:
-        return None
-    size = image_size if image_size is None or isinstance(image_size, int) else tuple(image_size)
-    return (files, size, channels)
-
-
-def _decode(
-    paths: Sequence[Path],
-    *,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int,
-    crop: tuple[int | None, str] = (None, "bilinear"),
-) -> DecodedImages:
-    size = _size_pair(image_size)
-    if size is None:
-        size = _common_size(paths) if paths else (1, 1)
-
-    def decode(path: Path) -> np.ndarray | str:
-        try:
-            return read_image(
-                path, size=size, channels=channels, resize=crop[0], interpolation=crop[1]
-            )
-        except ImageTooLarge as error:
-            return str(error)
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-            return f"unreadable image ({type(error).__name__}: {brief(error, 120)})"
-
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    try:
-        with _own_size_limit():
-            results = list(pool.map(decode, paths))
-    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    images = [r if isinstance(r, np.ndarray) else None for r in results]
-    errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
-    return DecodedImages(images, errors)
-
-
-# Larger images are skipped unread: PIL warns from this size on that a file may be a
-# decompression bomb (a small file that decodes to gigabytes).
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header declares more pixels than MAX_IMAGE_PIXELS."""
-
-
-@contextlib.contextmanager
-def _own_size_limit() -> Iterator[None]:
-    """PIL's decompression-bomb check off while `read_image` applies MAX_IMAGE_PIXELS itself:
-    PIL would warn (a multi-line warning per file) or raise while opening, before the file can be
-    skipped with a reason."""
-    from PIL import Image
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-
-
-def read_image(
-    path: Path,
-    *,
-    size: tuple[int, int],
-    channels: int,
-    resize: int | None = None,
-    interpolation: str = "bilinear",
-) -> np.ndarray:
-    """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode: resized to
-    `size`, or, with `resize`, its shorter side to `resize` and then cropped to `size` about its
-    centre, as torchvision's Resize(resize) + CenterCrop(size) do to a PIL image."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ImageTooLarge(
-                f"image of {image.width}x{image.height} pixels is larger than the limit of "
-                f"{MAX_IMAGE_PIXELS} pixels (a decompression bomb?); skipped unread"
-            )
-        image.load()
-        image = _to_8bit(image)
-        if channels == 1:
-            image = image.convert("L")
-        elif channels == 3:
-            if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
-                image = image.convert("RGBA").convert("RGB")
-            image = image.convert("RGB")
-        else:
-            raise UserError(f"image channels must be 1 or 3, got {channels}")
-        resample = {
-            "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC,
-        }[interpolation]
-        if resize is not None:
-            image = centre_crop(image.resize(shorter_side(image.size, resize), resample), size)
-        elif image.size != (size[1], size[0]):
-            image = image.resize((size[1], size[0]), resample)
-        array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
-
-
-def shorter_side(size: tuple[int, int], shorter: int) -> tuple[int, int]:
-    """(width, height) with the shorter side `shorter` and the aspect kept, rounded down as
-    torchvision's Resize(int) rounds.
-
-    >>> shorter_side((640, 480), 256)
-    (341, 256)
-    """
-    width, height = size
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
-def centre_crop(image: Any, size: tuple[int, int]) -> Any:
-    """The (H, W) `size` centre of a PIL image, at torchvision's CenterCrop offsets
-    (round((side - crop) / 2)); a crop larger than the image is padded with black as there."""
-    from PIL import Image
-
-    height, width = size
-    if image.width < width or image.height < height:
-        padded = Image.new(image.mode, (max(width, image.width), max(height, image.height)))
-        padded.paste(
-            image, ((padded.width - image.width) // 2, (padded.height - image.height) // 2)
-        )
-        image = padded
-    top = round((image.height - height) / 2.0)
-    left = round((image.width - width) / 2.0)
-    return image.crop((left, top, left + width, top + height))
-
-
-def _to_8bit(image: Any) -> Any:
-    """16-bit integer and float images scaled to 8 bits (PIL's convert would clip them)."""
-    from PIL import Image
-
-    if image.mode.startswith("I;16") or image.mode == "I":
-        # PIL opens 16-bit PNGs as "I;16" or "I" depending on its version: both mean 0..65535.
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(values / 257.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return image
-
-
-def _size_pair(image_size: Sequence[int] | int | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = (int(v) for v in image_size)
-    return (height, width)
-
-
-def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
-    from PIL import Image
-
-    sizes = set()
-    for path in paths:
-        try:
-            with _own_size_limit(), Image.open(path) as image:
-                if image.width * image.height <= MAX_IMAGE_PIXELS:
-                    sizes.add((image.height, image.width))
-        except Exception:  # noqa: BLE001 - reported when decoding
-            continue
-    if len(sizes) != 1:
-        raise UserError(
-            f"images differ in size ({len(sizes)} sizes); set data.dataset.image_size=[H,W]"
-        )
-    return sizes.pop()

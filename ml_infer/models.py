@@ -79,7 +79,7 @@ def checked_architecture(config: Any, source: str) -> Architecture:
                 f"{source}: model config argument {key!r} is not one {target} takes; "
                 f"valid: {', '.join(parameters)}"
             )
-        arguments[key] = _checked_argument(value, parameters[key].annotation, key, source)
+        arguments[key] = _checked_argument(value, parameters[key].annotation, key, source, target)
     missing = [
         name
         for name, parameter in parameters.items()
@@ -100,7 +100,7 @@ _ARGUMENT_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _checked_argument(value: Any, expected: Any, key: str, source: str) -> Any:
+def _checked_argument(value: Any, expected: Any, key: str, source: str, target: str) -> Any:
     where = f"{source}: model config argument {key!r}"
     if isinstance(value, (dict, list, tuple)) or value is None:
         kind = "nothing" if value is None else f"a {type(value).__name__}"
@@ -113,7 +113,7 @@ def _checked_argument(value: Any, expected: Any, key: str, source: str) -> Any:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = ok and math.isfinite(value)
     elif expected is str:
-        valid = _STRING_CHOICES[key]()
+        valid = _STRING_CHOICES[(target, key)]()
         if not isinstance(value, str) or value not in valid:
             raise UserError(f"{where} is {value!r}; valid: {', '.join(valid)}")
         return value
@@ -206,10 +206,58 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
     raise UserError(f"no 3-channel input convolution to adapt to {in_channels} channels")
 
 
+def timm_classifier(name: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A timm architecture, untrained (nothing is downloaded), with `in_channels` inputs and
+    `num_classes` outputs (the optional extra: pip install 'ml-infer[timm]')."""
+    timm = _timm()
+    if name not in timm.list_models():
+        raise UserError(f"unknown timm model {name!r}; valid: timm.list_models() names it")
+    model: nn.Module = timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_channels
+    )
+    return model
+
+
+def timm_classifier_names() -> list[str]:
+    return list(_timm().list_models())
+
+
+def timm_input(name: str) -> dict[str, Any]:
+    """The evaluation input timm's own data config gives model `name` (input size, crop_pct,
+    interpolation, mean, std), from its pretrained config in timm's code: nothing downloaded."""
+    timm = _timm()  # its submodules are imported with it
+    pretrained = timm.models.get_pretrained_cfg(name)
+    if pretrained is None:
+        raise UserError(f"timm has no data config for {name!r}; set checkpoint.input.* yourself")
+    config = timm.data.resolve_data_config({}, pretrained_cfg=pretrained.to_dict())
+    return {
+        "size": list(config["input_size"][1:]),
+        "channels": config["input_size"][0],
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "crop_pct": config["crop_pct"],
+        "interpolation": config["interpolation"],
+    }
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UserError(
+            "model=timm needs timm: pip install 'ml-infer[timm]' (or pip install timm)"
+        ) from None
+    return timm
+
+
 # The architectures a checkpoint may name, by the `_target_` it names them with.
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "ml_infer.models.SmallCNN": SmallCNN,
     "ml_infer.models.torchvision_classifier": torchvision_classifier,
+    "ml_infer.models.timm_classifier": timm_classifier,
 }
-# The valid values of each string argument of a trusted architecture.
-_STRING_CHOICES: dict[str, Callable[[], list[str]]] = {"name": torchvision_classifier_names}
+# The valid values of each string argument of a trusted architecture, by (target, argument).
+_STRING_CHOICES: dict[tuple[str, str], Callable[[], list[str]]] = {
+    ("ml_infer.models.torchvision_classifier", "name"): torchvision_classifier_names,
+    ("ml_infer.models.timm_classifier", "name"): timm_classifier_names,
+}

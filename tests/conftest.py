@@ -143,3 +143,23 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             yield f"http://127.0.0.1:{port}"
         finally:
             stop_server(process)
+
+
+# (width, height) of the photographs written: landscape, portrait, square, odd sizes.
+SIZES = [(512, 384), (300, 457), (256, 256), (391, 263), (480, 321), (267, 400)]
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ImageFolder of JPEG photographs (scikit-image's bundled ones, resized), two classes."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    sources = {"cat": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
+    for label, photo in sources.items():
+        (root / label).mkdir()
+        for k, (width, height) in enumerate(SIZES):
+            image = Image.fromarray(photo).resize((width, height), Image.Resampling.BICUBIC)
+            image.save(root / label / f"{k}.jpg", quality=90)
+    return root

@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
     {"precheck"},
     {"device"},
     {"inputs"},
+    {"decode"},
     {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
     {"corruptions"},
     {"warps"},

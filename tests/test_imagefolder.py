@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from ml_infer.data import ImageFolderDataset, UnlabelledImages
+from ml_infer.decode import read_image
 from ml_infer.errors import UserError
-from ml_infer.inputs import read_image
 from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
