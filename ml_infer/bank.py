@@ -20,9 +20,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ml_infer.checkpoints import CheckpointFile, open_checkpoint
+from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate
 from ml_infer.errors import UserError
+from ml_infer.formats import CheckpointFile
 from ml_infer.inputs import InputSpec, torchvision_weights_input
 from ml_infer.models import checked_architecture, timm_input
 

@@ -18,6 +18,10 @@ Other formats load too, none of them by unpickling code:
 - timm's `train.py` checkpoints (`state_dict`, `state_dict_ema` or `model_ema` for
   `use_ema=true`, `arch`, and its argparse arguments under `args`: an `argparse.Namespace`, a
   plain attribute holder, allow-listed as data);
+- Lightning `.ckpt` files: the LightningModule's `state_dict`, its keys prefixed by the
+  attribute that holds the network (`model.`), found as the one prefix under which weight
+  matrices are stored, or named with `checkpoint.state_dict_prefix`; `hyper_parameters` read as
+  data (their `num_classes`, when there is one, is checked against the classes);
 - a plain state dict (a dict of tensors, or `{"state_dict": ...}`);
 - `.safetensors` weights.
 
@@ -33,7 +37,6 @@ named by the user's `model=` config instead.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import logging
 import os
@@ -42,17 +45,15 @@ import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ml_infer.errors import UserError, brief
-from ml_infer.filedata import refuse_interpolations
+from ml_infer.formats import FORMAT_VERSION, CheckpointFile, describe, without_prefix
 from ml_infer.inputs import InputSpec
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 
 
 def save_checkpoint(
@@ -87,21 +88,6 @@ def save_checkpoint(
     finally:
         partial.unlink(missing_ok=True)
     return path
-
-
-@dataclasses.dataclass
-class CheckpointFile:
-    """What one checkpoint file says about itself; None where it is silent."""
-
-    path: Path
-    sha256: str
-    format: Literal["ml_infer", "seed", "timm", "state_dict", "safetensors"]
-    state_dict: Mapping[str, torch.Tensor]
-    ema_state_dict: Mapping[str, torch.Tensor] | None = None
-    model_config: dict[str, Any] | None = None
-    classes: list[str] | None = None
-    input_spec: InputSpec | None = None
-    num_classes: int | None = None
 
 
 def _numpy_data_globals() -> list[Any]:
@@ -196,150 +182,17 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def open_checkpoint(path: str | Path) -> CheckpointFile:
-    """Reads a checkpoint of any supported format and says what it describes about itself."""
+def open_checkpoint(path: str | Path, state_dict_prefix: str | None = None) -> CheckpointFile:
+    """Reads a checkpoint of any supported format and says what it describes about itself.
+    `state_dict_prefix` names the LightningModule attribute whose weights to take."""
     path = Path(path)
     try:
-        return _describe(path, *read_checkpoint(path))
+        found = describe(path, *read_checkpoint(path))
+        if found.format == "lightning":
+            found = without_prefix(found, state_dict_prefix)
+        return found
     except UserError as error:
         message = str(error)
         raise UserError(
             message if str(path) in message else f"checkpoint {path}: {message}"
         ) from None
-
-
-def _describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFile:
-    if path.suffix == ".safetensors":
-        return CheckpointFile(path, digest, "safetensors", contents)
-    if {"model_state_dict", "classes", "input"} <= contents.keys():
-        version = contents.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise UserError(
-                f"checkpoint {path} is format {version!r}, not one this ml_infer reads "
-                f"(up to {FORMAT_VERSION}); upgrade ml_infer"
-            )
-        classes = contents["classes"]
-        if not isinstance(classes, (list, tuple)) or not all(
-            isinstance(name, (str, int)) for name in classes
-        ):
-            raise UserError(f"checkpoint {path}: classes must be a list of names")
-        if not isinstance(contents["input"], Mapping):
-            raise UserError(
-                f"checkpoint {path}: input must be a mapping, got {contents['input']!r}"
-            )
-        return CheckpointFile(
-            path,
-            digest,
-            "ml_infer",
-            _state_dict(contents["model_state_dict"], path, "model_state_dict"),
-            ema_state_dict=None
-            if contents.get("ema_state_dict") is None
-            else _state_dict(contents["ema_state_dict"], path, "ema_state_dict"),
-            model_config=contents.get("model"),
-            classes=[str(name) for name in classes],
-            input_spec=InputSpec.from_dict(contents["input"]),
-        )
-    if "model_state_dict" in contents:
-        source = f"checkpoint {path}"
-        run_config = contents.get("config")
-        if not run_config:
-            run_config = _seed_run_config(path)
-            source = f"run config {path.parent.parent / 'config.yaml'}"
-        if not isinstance(run_config, Mapping):
-            raise UserError(f"checkpoint {path}: its config is a {type(run_config).__name__}")
-        ema = contents.get("ema_state") or {}
-        num_classes = _get(run_config, "model", "num_classes")
-        refuse_interpolations(num_classes, source, "model.num_classes")
-        if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int)
-        ):
-            raise UserError(f"{source}: model.num_classes must be an integer, got {num_classes!r}")
-        ema_weights = ema.get("ema_model_state") if isinstance(ema, Mapping) else None
-        return CheckpointFile(
-            path,
-            digest,
-            "seed",
-            _state_dict(contents["model_state_dict"], path, "model_state_dict"),
-            ema_state_dict=None
-            if ema_weights is None
-            else _state_dict(ema_weights, path, "ema_state.ema_model_state"),
-            input_spec=_seed_input_spec(run_config, source),
-            num_classes=num_classes,
-        )
-    timm_ema = contents.get("state_dict_ema", contents.get("model_ema"))
-    if isinstance(contents.get("state_dict"), Mapping) and ("arch" in contents or timm_ema):
-        return CheckpointFile(
-            path,
-            digest,
-            "timm",
-            _state_dict(contents["state_dict"], path, "state_dict"),
-            ema_state_dict=None
-            if timm_ema is None
-            else _state_dict(timm_ema, path, "state_dict_ema"),
-        )
-    state_dict = contents.get("state_dict", contents)
-    if state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        return CheckpointFile(path, digest, "state_dict", state_dict)
-    keys = ", ".join(sorted(map(str, contents))[:12])
-    raise UserError(
-        f"checkpoint {path} is not a format ml_infer reads (ml_infer's, the seed's best.pt, "
-        f"timm's, a state dict, .safetensors); its keys: {keys}"
-    )
-
-
-def _state_dict(value: Any, path: Path, key: str) -> Mapping[str, torch.Tensor]:
-    """`value` if it is a mapping of names to tensors, else a UserError naming the key."""
-    if not isinstance(value, Mapping) or not all(
-        isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in value.items()
-    ):
-        raise UserError(f"checkpoint {path}: {key} must map parameter names to tensors")
-    return value
-
-
-def _seed_run_config(path: Path) -> dict[str, Any]:
-    """The seed project's run config.yaml, beside the weights/ folder that holds `path`.
-
-    Read as plain YAML data: `${...}` interpolations stay literal strings (and are refused where
-    a value is used), nothing is resolved or instantiated.
-    """
-    candidate = path.parent.parent / "config.yaml"
-    if not candidate.is_file():
-        return {}
-    import yaml
-
-    try:
-        config = yaml.safe_load(candidate.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as error:
-        reason = " ".join(str(error).split())[:160]
-        raise UserError(f"run config {candidate} is not readable YAML ({reason})") from None
-    if not isinstance(config, Mapping):
-        raise UserError(f"run config {candidate} is not a mapping of settings")
-    return dict(config)
-
-
-def _seed_input_spec(run_config: Mapping[str, Any], source: str) -> InputSpec | None:
-    """Input size and normalisation from the seed's run config, if it has them."""
-    keys = {
-        "size": ("transforms", "test", "resize"),
-        "input_size": ("model", "input_size"),
-        "mean": ("transforms", "test", "normalize", "mean"),
-        "std": ("transforms", "test", "normalize", "std"),
-    }
-    values = {name: _get(run_config, *path) for name, path in keys.items()}
-    for name, path in keys.items():
-        refuse_interpolations(values[name], source, ".".join(path))
-    size = values["size"] or values["input_size"]
-    mean, std = values["mean"], values["std"]
-    if size is None or mean is None or std is None:
-        return None
-    if not isinstance(mean, list):
-        raise UserError(f"{source}: transforms.test.normalize.mean must be a list, got {mean!r}")
-    return InputSpec.from_dict({"size": size, "channels": len(mean), "mean": mean, "std": std})
-
-
-def _get(config: Any, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(config, Mapping) or key not in config:
-            return None
-        config = config[key]
-    return config

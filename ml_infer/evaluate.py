@@ -274,7 +274,8 @@ def load_inputs(
     """Opens the checkpoints, loads the data at their input size, takes the calibration split,
     builds the models, and checks that every split's classes are the models'."""
     shift = shift_of(cfg)
-    checkpoints = [open_checkpoint(path) for path in checkpoint_paths]
+    prefix = cfg.checkpoint.get("state_dict_prefix")
+    checkpoints = [open_checkpoint(path, prefix) for path in checkpoint_paths]
     input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
     dataset = _load_data(cfg, input_spec)
     split = None
