@@ -113,3 +113,33 @@ def test_the_input_comes_from_timms_data_config_unless_set():
         from ml_infer.models import timm_classifier
 
         timm_classifier("resnet_nope", in_channels=3, num_classes=2)
+
+
+@pytest.mark.slow
+def test_an_ensemble_may_mix_formats_of_one_architecture(photo_folder, models, tmp_path):
+    """A timm train.py checkpoint and a plain state dict of the same timm architecture ensemble
+    like two folds: the mean of their own probabilities."""
+    model, ema = models
+    timm_file = timm_checkpoint(tmp_path / "a.pth.tar", model, ema)
+    plain = tmp_path / "b.pt"
+    torch.save({f"module.{k}": v for k, v in ema.state_dict().items()}, plain)  # DataParallel
+    cfg = compose_config(
+        [
+            "model=timm",
+            "strategy=ensemble",
+            f"ensemble.checkpoints=[{timm_file},{plain}]",
+            "data=imagefolder",
+            f"data.root={photo_folder}",
+        ]
+    )
+    metrics = run_evaluation(cfg, output_dir=tmp_path / "run")
+    assert metrics["models"] == 2
+    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    paths = [r["path"] for r in rows]
+    ours = np.array([[float(r["prob_cat"]), float(r["prob_coffee"])] for r in rows])
+    expected = (
+        timms_own_probabilities(model, photo_folder, paths)
+        + timms_own_probabilities(ema, photo_folder, paths)
+    ) / 2
+    assert np.abs(ours - expected).max() < 1e-5
