@@ -200,3 +200,43 @@ def test_single_run_is_tracked_in_process(runs_dir, tmp_path):
         [f"{runs_dir}/fold_*/weights/best.pt"]
     )
     assert run.data.tags.get("git_commit") is None or len(run.data.tags["git_commit"]) == 40
+
+
+SCORES = ("accuracy", "macro_f1", "nll", "ece", "brier", "accuracy_delta_vs_standard")
+
+
+@pytest.mark.slow
+def test_submitits_local_launcher_gives_the_basic_launchers_sweep(runs_dir, tmp_path):
+    """The two jobs run as submitit processes (as on SLURM, locally): the same report and the
+    same MLflow runs, nested under one finished parent, as the basic launcher's."""
+    found = {}
+    for launcher in ("basic", "submitit_local"):
+        uri = f"sqlite:///{tmp_path / launcher}.db"
+        sweep = tmp_path / launcher
+        result = run_cli(
+            [
+                "ml_infer",
+                "-m",
+                f"hydra/launcher={launcher}",
+                "strategy=standard,ensemble",
+                f"runs_dir={runs_dir}",
+                f"tracking.uri={uri}",
+                f"hydra.sweep.dir={sweep}",
+                "engine.min_timing_s=0",
+            ]
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        with (sweep / "comparison.csv").open(newline="") as handle:
+            report = {row["strategy"]: row for row in csv.DictReader(handle)}
+        client = client_for(uri)
+        runs = client.search_runs([client.get_experiment_by_name("ml_infer-digits").experiment_id])
+        (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED" and len(children) == 2 == len(runs) - 1
+        logged = {r.data.params["strategy.name"]: r.data.metrics for r in children}
+        found[launcher] = (report, logged)
+    (basic_report, basic_logged), (submitit_report, submitit_logged) = found.values()
+    for strategy in ("standard", "ensemble"):
+        for key in SCORES:
+            assert submitit_report[strategy][key] == basic_report[strategy][key], key
+            assert submitit_logged[strategy][key] == basic_logged[strategy][key], key
