@@ -57,6 +57,7 @@ class StoreKeys:
                     "channels_last": predictor.engine.channels_last,
                     "fold_batch_norm": predictor.engine.fold_batch_norm,
                     "forward_batch_size": predictor.forward_batch_size,
+                    **({"compile": True} if predictor.engine.compile else {}),
                 },
             },
         )

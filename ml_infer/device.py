@@ -1,4 +1,5 @@
-"""Where a model runs and in which precision: the device, the autocast dtype, synchronisation.
+"""Where a model runs and in which precision: the device, the autocast dtype, synchronisation,
+and timing batches and feeding them without making the host wait for the device.
 
 CPUs differ (some have avx512_bf16 or AMX, some only AVX2), so bf16 is used only where oneDNN
 reports native support, checked at run time; elsewhere mixed precision warns and runs fp32.
@@ -6,8 +7,11 @@ reports native support, checked at run time; elsewhere mixed precision warns and
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Literal
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 
 import torch
 
@@ -76,3 +80,53 @@ def synchronize(device: torch.device) -> None:
     """Waits for the device's queued work (a no-op on CPU), so that a timer reads whole work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class BatchTimer:
+    """Each batch's latency: CUDA events recorded around it on a GPU (read once the pass is
+    over, so that timing does not make the host wait), the host's clock on a CPU (where the
+    work is done when the call returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[Any] = []
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+            yield
+            events[1].record()
+            self.marks.append(events)
+        else:
+            start = time.perf_counter()
+            yield
+            self.marks.append((start, time.perf_counter()))
+
+    def seconds(self) -> list[float]:
+        if self.device.type == "cuda":
+            return [start.elapsed_time(end) / 1000.0 for start, end in self.marks]
+        return [end - start for start, end in self.marks]
+
+
+def prefetched(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """The batches, on a GPU each one's images copied to it while the one before runs (a side
+    stream; the loader pins host memory); elsewhere as they come."""
+    if device.type != "cuda":
+        yield from batches
+        return
+    stream = torch.cuda.Stream(device)
+
+    def started(batch: Any) -> Any:
+        with torch.cuda.stream(stream):
+            return (batch[0].to(device, non_blocking=True), *batch[1:])
+
+    upcoming = (started(batch) for batch in batches)
+    following = next(upcoming, None)
+    while following is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        current = following
+        current[0].record_stream(torch.cuda.current_stream(device))
+        following = next(upcoming, None)
+        yield current

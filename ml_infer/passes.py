@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ml_infer.device import synchronize
+from ml_infer.device import BatchTimer, prefetched, synchronize
 from ml_infer.errors import UserError, raise_if_interrupted
 from ml_infer.predictor import Predictor
 
@@ -126,7 +126,13 @@ def _timed_pass(
     progress: bool,
     n_batches: int | None,
 ) -> float:
-    """One pass over the loader: its wall time; batch times and (if asked) outputs appended."""
+    """One pass over the loader: its wall time; batch times and (if asked) outputs appended.
+
+    The host never waits for the device inside the pass: batch latencies are CUDA events read
+    after it, outputs stay on the device until it ends, and on a GPU the next batch is copied
+    (from pinned memory, on a side stream) while the current one runs. The device is
+    synchronised twice per pass, at its start and its end.
+    """
     from tqdm.auto import tqdm
 
     device = predictor.device
@@ -138,22 +144,25 @@ def _timed_pass(
         disable=None if progress else True,
         leave=False,
     )
+    timer = BatchTimer(device)
+    kept = []
     synchronize(device)
     pass_start = time.perf_counter()
-    for images, batch_labels, batch_positions in bar:
+    for images, batch_labels, batch_positions in prefetched(bar, device):
         raise_if_interrupted()
-        batch_start = time.perf_counter()
-        merged = predictor(images)
-        synchronize(device)
-        batch_seconds.append(time.perf_counter() - batch_start)
+        with timer.batch():
+            merged = predictor(images)
         batch = (merged.probs, merged.preds, batch_labels, torch.as_tensor(batch_positions))
         if gather is not None:
             batch = gather(tuple(t.to(device) for t in batch))
         if outputs is not None:
-            outputs.append((batch[0].float().cpu(), batch[1].cpu(), batch[2].cpu(), batch[3].cpu()))
+            kept.append(batch)
     synchronize(device)
     elapsed = time.perf_counter() - pass_start
     bar.close()
+    batch_seconds.extend(timer.seconds())
+    if outputs is not None:
+        outputs.extend((b[0].float().cpu(), b[1].cpu(), b[2].cpu(), b[3].cpu()) for b in kept)
     return elapsed
 
 

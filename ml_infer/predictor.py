@@ -46,19 +46,21 @@ class EngineSettings:
     forward_batch_size: int | Literal["auto"] = "auto"
     channels_last: bool = False
     fold_batch_norm: bool = True
+    compile: bool = False  # torch.compile each model (the same outputs up to float rounding)
 
     @classmethod
     def from_config(cls, engine: Any) -> EngineSettings:
         """From the `engine` block of a run's config.
 
         >>> EngineSettings.from_config({"forward_batch_size": 64, "channels_last": True,
-        ...                             "fold_batch_norm": False})
-        EngineSettings(forward_batch_size=64, channels_last=True, fold_batch_norm=False)
+        ...                             "fold_batch_norm": False}).forward_batch_size
+        64
         """
         return cls(
             forward_batch_size=engine["forward_batch_size"],
             channels_last=bool(engine["channels_last"]),
             fold_batch_norm=bool(engine["fold_batch_norm"]),
+            compile=bool(engine.get("compile", False)),
         )
 
 
@@ -157,6 +159,10 @@ class Predictor:
             .to(memory_format=memory_format)
             for m in models
         ]
+        if engine.compile:
+            self.models = [torch.compile(model) for model in self.models]  # type: ignore[misc]
+        # A forward batch size chosen for the device halves itself when CUDA runs out of memory.
+        self.backs_off = engine.forward_batch_size == "auto" and device.type == "cuda"
         self.views = views
         self.view_aggregator = view_aggregator
         self.model_aggregator = model_aggregator
@@ -216,7 +222,28 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, images: Tensor) -> Tensor:
-        """Every model's logits under every view of a batch: [M, K, B, C], float32."""
+        """Every model's logits under every view of a batch: [M, K, B, C], float32. With an
+        `auto` forward batch size on CUDA, running out of memory halves it (said once) and the
+        batch is run again."""
+        try:
+            return self._logits(images)
+        except torch.OutOfMemoryError:
+            if not self.backs_off or self.forward_batch_size == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.forward_batch_size //= 2
+            if not getattr(self, "_said_back_off", False):
+                log.warning(
+                    "out of memory on %s: forward batch size now %d (it halves again if need "
+                    "be; engine.forward_batch_size=N fixes it)",
+                    self.device,
+                    self.forward_batch_size,
+                )
+                self._said_back_off = True
+            return self.logits(images)
+
+    def _logits(self, images: Tensor) -> Tensor:
         images = images.to(self.device, non_blocking=True)
         n_views = len(self.views)
         logits: list[list[Tensor]] = [[] for _ in self.models]  # per model: [K, s, C] per slice
