@@ -60,9 +60,9 @@ def describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFil
             digest,
             "ml_infer",
             _state_dict(contents["model_state_dict"], path, "model_state_dict"),
-            ema_state_dict=None
-            if contents.get("ema_state_dict") is None
-            else _state_dict(contents["ema_state_dict"], path, "ema_state_dict"),
+            ema_state_dict=_optional_state_dict(
+                contents.get("ema_state_dict"), path, "ema_state_dict"
+            ),
             model_config=contents.get("model"),
             classes=[str(name) for name in classes],
             input_spec=InputSpec.from_dict(contents["input"]),
@@ -88,9 +88,7 @@ def describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFil
             digest,
             "seed",
             _state_dict(contents["model_state_dict"], path, "model_state_dict"),
-            ema_state_dict=None
-            if ema_weights is None
-            else _state_dict(ema_weights, path, "ema_state.ema_model_state"),
+            ema_state_dict=_optional_state_dict(ema_weights, path, "ema_state.ema_model_state"),
             input_spec=_seed_input_spec(run_config, source),
             num_classes=num_classes,
         )
@@ -113,9 +111,7 @@ def describe(path: Path, contents: dict[str, Any], digest: str) -> CheckpointFil
             digest,
             "timm",
             _state_dict(contents["state_dict"], path, "state_dict"),
-            ema_state_dict=None
-            if timm_ema is None
-            else _state_dict(timm_ema, path, "state_dict_ema"),
+            ema_state_dict=_optional_state_dict(timm_ema, path, "state_dict_ema"),
         )
     state_dict = contents.get("state_dict", contents)
     if state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -154,6 +150,10 @@ def without_prefix(checkpoint: CheckpointFile, prefix: str | None) -> Checkpoint
     start = len(prefix) + 1
     kept = {key[start:]: value for key, value in weights.items() if key.startswith(prefix + ".")}
     return dataclasses.replace(checkpoint, state_dict=kept)
+
+
+def _optional_state_dict(value: Any, path: Path, key: str) -> Mapping[str, torch.Tensor] | None:
+    return None if value is None else _state_dict(value, path, key)
 
 
 def _state_dict(value: Any, path: Path, key: str) -> Mapping[str, torch.Tensor]:

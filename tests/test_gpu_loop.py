@@ -11,26 +11,18 @@ import torch
 
 from ml_infer import passes
 from ml_infer.aggregate import SoftVoting
-from ml_infer.augment import Views
 from ml_infer.bank import load_classifier
 from ml_infer.data import DigitsDataset, make_loader
-from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.predictor import Predictor
 from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
+from .test_engine import predictor_for as one_model_predictor
 
 
-def predictor_for(fold_paths, **engine) -> Predictor:
+def predictor_for(fold_paths, forward_batch_size: int = 256) -> Predictor:
     classifier = load_classifier(fold_paths[0])
-    return Predictor(
-        [classifier.model],
-        Views([]),
-        SoftVoting(),
-        SoftVoting(),
-        classifier.input_spec,
-        device=torch.device("cpu"),
-        engine=EngineSettings(**engine),
-    )
+    return one_model_predictor([classifier], SoftVoting(), forward_batch_size=forward_batch_size)
 
 
 def test_a_timed_pass_synchronises_at_its_ends_only(fold_paths, monkeypatch):
