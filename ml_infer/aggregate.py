@@ -207,10 +207,16 @@ class TSharpen(Aggregator):
 
 
 def _renormalised(probs: Tensor) -> Tensor:
-    """Rows scaled to sum to 1; an all-zero row becomes uniform."""
+    """Rows scaled to sum to 1; an all-zero row becomes uniform. A row whose sum is subnormal
+    (under float32's smallest normal, 1.2e-38) is divided by that sum itself, not by the
+    smallest normal: that would leave it summing to less than 1.
+
+    >>> _renormalised(torch.tensor([[5.8775e-39, 0.0, 0.0], [0.0, 0.0, 0.0]])).tolist()
+    [[1.0, 0.0, 0.0], [0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]
+    """
     total = probs.sum(dim=-1, keepdim=True)
     uniform = torch.full_like(probs, 1.0 / probs.shape[-1])
-    return torch.where(total > 0, probs / total.clamp_min(torch.finfo(probs.dtype).tiny), uniform)
+    return torch.where(total > 0, probs / total.where(total > 0, 1.0), uniform)
 
 
 class HardVoting(Aggregator):

@@ -200,7 +200,7 @@ class Scenarios:
         return self.evaluate("tta.agregation=max")
 
     def unknown_key_with_nothing_close(self) -> Case:
-        return self.evaluate("engine.compile=true")
+        return self.evaluate("engine.jit=true")
 
     def key_of_a_group_not_chosen(self) -> Case:
         return self.evaluate("model.width=64")
