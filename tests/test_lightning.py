@@ -19,9 +19,10 @@ from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
-lightning = pytest.importorskip("lightning")
-# Lightning's own notes while it trains (worker counts, torch's pytree deprecations) are not ours.
+# Lightning's own notes while it trains (worker counts, torch's pytree deprecations) are not ours;
+# every test trains with it (lightning takes seconds to import): the full suite only.
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:.*:UserWarning:lightning"),
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
 ]
@@ -29,35 +30,39 @@ pytestmark = [
 MEAN, STD = 0.3, 0.4
 
 
-class DigitsModule(lightning.LightningModule):
+def digits_module(lightning, num_classes: int = 10, lr: float = 0.05):
     """A LightningModule as users write them: the network under `self.model`, a loss with a
     buffer of its own under `self.criterion`, hyperparameters saved."""
 
-    def __init__(self, num_classes: int = 10, lr: float = 0.05):
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = SmallCNN(in_channels=1, num_classes=num_classes)
-        self.criterion = nn.CrossEntropyLoss(weight=torch.ones(num_classes))
+    class DigitsModule(lightning.LightningModule):
+        def __init__(self, num_classes: int, lr: float):
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = SmallCNN(in_channels=1, num_classes=num_classes)
+            self.criterion = nn.CrossEntropyLoss(weight=torch.ones(num_classes))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - MEAN) / STD)
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.model((images - MEAN) / STD)
 
-    def training_step(self, batch, index):
-        images, labels = batch
-        return self.criterion(self(images), labels)
+        def training_step(self, batch, index):
+            images, labels = batch
+            return self.criterion(self(images), labels)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    return DigitsModule(num_classes, lr)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DigitsModule]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    lightning = pytest.importorskip("lightning")
     torch.manual_seed(0)
     data = DigitsDataset("train", image_size=(8, 8), channels=1)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.pixels(), data.labels), batch_size=64, shuffle=True
     )
-    module = DigitsModule()
+    module = digits_module(lightning)
     root = tmp_path_factory.mktemp("lightning")
     trainer = lightning.Trainer(
         max_epochs=2,
@@ -95,6 +100,7 @@ def test_a_lightning_checkpoint_reproduces_lightnings_predictions(trained, tmp_p
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_networks_weights_are_found_under_its_attribute(trained):
     path, module = trained
     found = open_checkpoint(path)
@@ -107,6 +113,7 @@ def test_the_networks_weights_are_found_under_its_attribute(trained):
         open_checkpoint(path, "net")
 
 
+@pytest.mark.slow
 def test_two_networks_in_one_module_need_the_prefix_named(trained, tmp_path):
     path, _ = trained
     contents = torch.load(path, weights_only=True)

@@ -147,6 +147,7 @@ TIES = {"motion_blur": {(3, 4)}}
 GRAY_TIES = {"motion_blur": {(3, 4)}, "pixelate": {(1, 2), (3, 4)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_a_higher_severity_changes_colour_photos_more(name, photos):
     changes = _changes(photos, list(range(len(photos))), name, "photos")
@@ -157,6 +158,7 @@ def test_a_higher_severity_changes_colour_photos_more(name, photos):
             assert higher > lower, (severity, changes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "saturate"])
 def test_a_higher_severity_changes_gray_digits_more(name, digits):
     changes = _changes(digits.pixels(), digits.sample_ids, name, "digits")

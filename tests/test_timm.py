@@ -17,7 +17,8 @@ from ml_infer.task import run_evaluation
 
 from .conftest import compose_config
 
-timm = pytest.importorskip("timm")
+# Every test here builds timm models (timm takes seconds to import): the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def timm_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, **extra) -> Path:
@@ -43,6 +44,7 @@ def timm_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module, **
 @pytest.fixture(scope="module")
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
+    timm = pytest.importorskip("timm")
     model = timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
     ema = timm.create_model("resnet18", pretrained=False, num_classes=2).eval()
     return model, ema
@@ -89,6 +91,7 @@ def test_a_timm_checkpoint_gives_timms_own_probabilities(photo_folder, models, t
     assert np.abs(ours_ema - ours).max() > 1e-3  # the EMA weights were the ones used
 
 
+@pytest.mark.slow
 def test_timms_checkpoint_format_loads_as_data(models, tmp_path):
     model, ema = models
     found = open_checkpoint(timm_checkpoint(tmp_path / "a.pth.tar", model, ema))
