@@ -55,6 +55,12 @@ class Corruption:
         """The corrupted batch [B, C, H, W], float64 (clamped to [0, 1] by the caller)."""
         raise NotImplementedError
 
+    @property
+    def is_random(self) -> bool:
+        """Whether it draws random numbers (overrides `draw`): only then does it need a
+        generator per image."""
+        return type(self).draw is not Corruption.draw
+
     def applies_to(self, channels: int) -> bool:
         """Gray (1) or RGB (3) images; colour corruptions only RGB."""
         return channels == 3 or (channels == 1 and not self.needs_colour)
@@ -62,22 +68,25 @@ class Corruption:
     def __call__(
         self, images: Tensor, severity: int, generators: Sequence[torch.Generator]
     ) -> Tensor:
-        """`images` [B, C, H, W] in [0, 1] corrupted at `severity`, one generator per image;
-        severity 0, or an image kind the corruption does not apply to, returns `images`."""
+        """`images` [B, C, H, W] in [0, 1] corrupted at `severity`, one generator per image
+        (none needed when it is not `is_random`); severity 0, or an image kind the corruption
+        does not apply to, returns `images`."""
         check_severity(severity)
         if severity == 0 or not self.applies_to(images.shape[1]):
             return images
-        if len(generators) != len(images):
-            raise ValueError(f"{len(generators)} generators for {len(images)} images")
         exact = images.detach().to(torch.float64)
-        per_image = [
-            self.draw(image, severity, generator)
-            for image, generator in zip(exact.cpu(), generators)
-        ]
-        draws = {
-            key: torch.stack([d[key] for d in per_image]).to(images.device)
-            for key in (per_image[0] if per_image else {})
-        }
+        draws: dict[str, Tensor] = {}
+        if self.is_random:
+            if len(generators) != len(images):
+                raise ValueError(f"{len(generators)} generators for {len(images)} images")
+            per_image = [
+                self.draw(image, severity, generator)
+                for image, generator in zip(exact.cpu(), generators)
+            ]
+            draws = {
+                key: torch.stack([d[key] for d in per_image]).to(images.device)
+                for key in (per_image[0] if per_image else {})
+            }
         return self.apply(exact, severity, draws).clamp_(0.0, 1.0).to(torch.float32)
 
 

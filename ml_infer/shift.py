@@ -106,7 +106,9 @@ def corrupt(
     if shift.is_clean:
         return images
     assert shift.corruption is not None
-    return shift.corruption(images, shift.severity, generators_for(data, sample_ids, shift))
+    # A digest and a generator per image only for the corruptions that draw random numbers.
+    generators = generators_for(data, sample_ids, shift) if shift.corruption.is_random else []
+    return shift.corruption(images, shift.severity, generators)
 
 
 def shifted(dataset: TensorImages, shift: Shift, data: str) -> tuple[TensorImages, dict[str, Any]]:
