@@ -35,8 +35,11 @@ class StoreKeys:
 
     @classmethod
     def of(cls, predictor: Predictor, members: Sequence[Classifier], dataset: Any) -> StoreKeys:
+        # A streamed folder is known by its files (data_key); images held, by their pixels.
+        data = getattr(dataset, "data_key", None)
         images = getattr(dataset, "images", None)
-        data = tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
+        if data is None:
+            data = tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
         shift = getattr(dataset, "shift", None)  # named beside the digest, when there is one
         device = predictor.device
         return cls(

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from ml_infer.data import TensorImages, build_dataset
+from ml_infer.data import build_dataset
 from ml_infer.errors import UserError
+from ml_infer.imagesets import TensorImages
 
 log = logging.getLogger(__name__)
 

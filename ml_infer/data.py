@@ -22,20 +22,19 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ml_infer.config import instantiate
 from ml_infer.errors import UserError, one_of
 from ml_infer.folders import (
     SPLITS,
-    SkippedFile,
     find_images,
     hidden,
-    load_images,
+    open_images,
     relative_path,
     split_dir,
 )
+from ml_infer.imagesets import FileImages, SkippedFile, TensorImages
 from ml_infer.inputs import fit_images
 
 log = logging.getLogger(__name__)
@@ -62,58 +61,6 @@ def stratified_split(
         rest, test_size=val_share_of_rest, stratify=labels[rest], random_state=seed
     )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
-
-
-class TensorImages(Dataset[tuple[Tensor, Tensor, int]]):
-    """Images already in memory; a batch is fetched with one indexing op, not per sample.
-
-    Items are `(image, label, position)`: the position in this data set, which `sample_ids`
-    maps to the sample's id (its index in the source data) under the column name `id_name`.
-    """
-
-    id_name = "index"
-    shift: dict[str, Any] | None = None  # the corruption applied to the images (ml_infer.shift)
-
-    def __init__(
-        self,
-        images: Tensor,
-        labels: Tensor,
-        sample_ids: Sequence[Any],
-        classes: Sequence[str],
-        skipped: Sequence[SkippedFile] = (),
-    ):
-        self.images, self.labels = images, labels  # images: float in [0, 1], or uint8
-        self.sample_ids = list(sample_ids)
-        self.classes = list(classes)
-        self.skipped = list(skipped)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def pixels(self, index: Any = slice(None)) -> Tensor:
-        """Images at `index` as float [..., C, H, W] in [0, 1] (uint8 storage is converted)."""
-        images = self.images[index]
-        return images.float().div_(255.0) if images.dtype == torch.uint8 else images
-
-    def __getitem__(self, position: int) -> tuple[Tensor, Tensor, int]:
-        return self.pixels(position), self.labels[position], position
-
-    def __getitems__(self, positions: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        index = torch.as_tensor(positions)
-        return self.pixels(index), self.labels[index], index
-
-    def subset(self, positions: Sequence[int]) -> TensorImages:
-        """The images at `positions`, as a data set of their own (same ids, classes, skipped)."""
-        index = torch.as_tensor(list(positions), dtype=torch.long)
-        part = TensorImages(
-            self.images[index],
-            self.labels[index],
-            [self.sample_ids[i] for i in index.tolist()],
-            self.classes,
-            self.skipped,
-        )
-        part.id_name = self.id_name
-        return part
 
 
 class DigitsDataset(TensorImages):
@@ -165,7 +112,7 @@ def _load_digits() -> Any:
     return load_digits()
 
 
-class ImageFolderDataset(TensorImages):
+class ImageFolderDataset(FileImages):
     """torchvision's ImageFolder layout: `root/[split/]<class>/**/<image>`.
 
     When `root` has `train/`, `val/` or `test/` subfolders, `split` picks one; otherwise `root`
@@ -175,7 +122,8 @@ class ImageFolderDataset(TensorImages):
     (grayscale, RGBA, palette, 16-bit) is converted to `channels` and resized to `image_size`.
     Files that are not images, or that cannot be decoded, are skipped and listed in `skipped`;
     names starting with "." are ignored. Images are decoded once, in threads, and held in
-    memory as uint8 at the model's input size (C x H x W bytes each).
+    memory as uint8 at the model's input size (C x H x W bytes each), or streamed: decoded per
+    batch, never all held (`stream`: true, false, or auto: above 1 GiB of decoded pixels).
     """
 
     id_name = "path"
@@ -189,6 +137,7 @@ class ImageFolderDataset(TensorImages):
         decode_threads: int = 4,
         resize: int | None = None,
         interpolation: str = "bilinear",
+        stream: Any = "auto",
     ):
         root = Path(root)
         where = split_dir(root, split)
@@ -210,7 +159,7 @@ class ImageFolderDataset(TensorImages):
             skipped += [
                 SkippedFile(relative_path(p, root), "not an image file") for p in not_images
             ]
-        loaded = load_images(
+        loaded = open_images(
             paths,
             labels,
             skipped,
@@ -221,6 +170,7 @@ class ImageFolderDataset(TensorImages):
             threads=decode_threads,
             resize=resize,
             interpolation=interpolation,
+            stream=stream,
         )
         for label, name in enumerate(classes):
             if not (loaded["labels"] == label).any():
@@ -228,7 +178,7 @@ class ImageFolderDataset(TensorImages):
         super().__init__(**loaded, classes=classes)
 
 
-class UnlabelledImages(TensorImages):
+class UnlabelledImages(FileImages):
     """Every image under `root` (searched recursively), for prediction without labels.
 
     Labels are -1 and `classes` is empty: the class names come from the checkpoint.
@@ -244,13 +194,14 @@ class UnlabelledImages(TensorImages):
         decode_threads: int = 4,
         resize: int | None = None,
         interpolation: str = "bilinear",
+        stream: Any = "auto",
     ):
         root = Path(root)
         if not root.is_dir():
             raise UserError(f"predict.root {str(root)!r} is not a directory")
         paths, not_images = find_images(root)
         skipped = [SkippedFile(relative_path(p, root), "not an image file") for p in not_images]
-        loaded = load_images(
+        loaded = open_images(
             paths,
             [-1] * len(paths),
             skipped,
@@ -261,6 +212,7 @@ class UnlabelledImages(TensorImages):
             threads=decode_threads,
             resize=resize,
             interpolation=interpolation,
+            stream=stream,
         )
         super().__init__(**loaded, classes=[])
 

@@ -30,9 +30,10 @@ from ml_infer.bank import (
 from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
-from ml_infer.data import TensorImages, UnlabelledImages, build_dataset
+from ml_infer.data import UnlabelledImages, build_dataset
 from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
+from ml_infer.imagesets import TensorImages
 from ml_infer.inputs import InputSpec
 from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
@@ -324,7 +325,12 @@ def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:
     """The labelled split to score, or the folder to predict, at the model's input size."""
     fit = _fit_of(input_spec)
     if cfg.mode == "predict":
-        return UnlabelledImages(cfg.predict.root, **fit, decode_threads=cfg.predict.decode_threads)
+        return UnlabelledImages(
+            cfg.predict.root,
+            **fit,
+            decode_threads=cfg.predict.decode_threads,
+            stream=cfg.predict.get("stream", "auto"),
+        )
     return build_dataset(cfg.data, cfg.data.split, **fit)
 
 

@@ -7,7 +7,6 @@ skipped with the reason (`skipped_files.csv`), never fatal.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -17,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml_infer.decode import decode_images
+from ml_infer.decode import decode_images, target_size
 from ml_infer.errors import UserError
+from ml_infer.imagesets import ImageReader, SkippedFile, check_files, should_stream
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,6 @@ IMAGE_EXTENSIONS = (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class SkippedFile:
-    """A file under a data root that is not used, and why."""
-
-    path: str
-    reason: str
-
-
 def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
     """Files under `directory` (recursively, sorted, hidden names ignored): images and the rest."""
     images: list[Path] = []
@@ -61,7 +53,7 @@ def find_images(directory: Path) -> tuple[list[Path], list[Path]]:
     return images, others
 
 
-def load_images(
+def open_images(
     paths: Sequence[Path],
     labels: Sequence[int],
     skipped: list[SkippedFile],
@@ -73,19 +65,32 @@ def load_images(
     threads: int,
     resize: int | None = None,
     interpolation: str = "bilinear",
+    stream: Any = "auto",
 ) -> dict[str, Any]:
-    """`TensorImages` arguments for the files that decode; the others join the skipped list."""
-    decoded = decode_images(
-        paths,
-        image_size=image_size,
-        channels=channels,
-        threads=threads,
-        resize=resize,
-        interpolation=interpolation,
-    )
-    kept = [i for i, image in enumerate(decoded.images) if image is not None]
+    """`FileImages` arguments for the files that can be used, decoded and held, or checked and
+    left to stream (`stream`: true, false, or auto: stream above STREAM_ABOVE_BYTES of pixels);
+    the files that cannot be used join the skipped list."""
+    if channels not in (1, 3):
+        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
+    reader = ImageReader(target_size(paths, image_size), channels, resize, interpolation)
+    streamed = should_stream(stream, len(paths), reader)
+    if streamed:
+        checked = check_files(paths, threads)
+        errors, images, digests = checked.errors, None, checked.digests
+    else:
+        decoded = decode_images(
+            paths,
+            image_size=reader.size,
+            channels=channels,
+            threads=threads,
+            resize=resize,
+            interpolation=interpolation,
+        )
+        errors, digests = decoded.errors, []
+        images = [image for image in decoded.images if image is not None]
+    kept = [i for i in range(len(paths)) if i not in errors]
     skipped = skipped + [
-        SkippedFile(relative_path(paths[i], root), decoded.errors[i]) for i in decoded.failed
+        SkippedFile(relative_path(paths[i], root), errors[i]) for i in sorted(errors)
     ]
     if not kept:
         raise UserError(f"no readable images under {where} (skipped {len(skipped)} files)")
@@ -98,12 +103,17 @@ def load_images(
             skipped[0].path,
             skipped[0].reason,
         )
-    kept_images = [image for image in decoded.images if image is not None]
+    if streamed:
+        log.info("streaming %d images from %s (decoded per batch)", len(kept), where)
     return {
-        "images": torch.from_numpy(np.stack(kept_images)),
+        "images": None if images is None else torch.from_numpy(np.stack(images)),
         "labels": torch.tensor([labels[i] for i in kept], dtype=torch.int64),
         "sample_ids": [relative_path(paths[i], root) for i in kept],
         "skipped": sorted(skipped, key=lambda entry: entry.path),
+        "paths": [paths[i] for i in kept],
+        "digests": [digests[i] for i in kept] if streamed else [],
+        "reader": reader,
+        "decode_threads": threads,
     }
 
 

@@ -10,13 +10,13 @@ import csv
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 from torch import Tensor
 
-from ml_infer.data import TensorImages
 from ml_infer.evaluate import Evaluation
-from ml_infer.folders import SkippedFile
+from ml_infer.imagesets import SkippedFile, TensorImages
 from ml_infer.outputs import atomic_write, remove_stale_results, write_json
 from ml_infer.passes import DatasetPredictions
 from ml_infer.plots import plot_confusion_matrix, plot_fixed_broken
@@ -199,7 +199,7 @@ def write_run(evaluation: Evaluation, run_dir: Path) -> None:
         )
         if evaluation.baseline_preds is not None:
             plot_fixed_broken(
-                dataset.pixels(),
+                _ImagesAt(dataset),
                 result.labels.tolist(),
                 result.preds.tolist(),
                 evaluation.baseline_preds.tolist(),
@@ -209,3 +209,13 @@ def write_run(evaluation: Evaluation, run_dir: Path) -> None:
                 f"{evaluation.title}: images fixed and broken against standard",
             )
     write_json(run_dir / "metrics.json", evaluation.metrics)
+
+
+class _ImagesAt:
+    """`dataset.pixels(i)` as `images[i]`: the montage decodes only the images it shows."""
+
+    def __init__(self, dataset: TensorImages):
+        self.dataset = dataset
+
+    def __getitem__(self, position: int) -> Any:
+        return self.dataset.pixels(position)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ml_infer.assemble import per_member_accuracy, per_view_accuracy
 from ml_infer.bank import Classifier
-from ml_infer.data import TensorImages
+from ml_infer.imagesets import TensorImages
 from ml_infer.metrics import (
     classification_metrics,
     mcnemar_p_value,

@@ -17,6 +17,7 @@ before deployment, and scored on shifted ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -27,12 +28,13 @@ import torch
 
 from ml_infer.config import CLEAN_SHIFT, corruption_names, instantiate, options
 from ml_infer.corruptions import Corruption, check_severity
-from ml_infer.data import TensorImages
 from ml_infer.errors import UserError, one_of
+from ml_infer.imagesets import FileImages, TensorImages
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 256
+CHANGE_SAMPLE = 256  # images a streamed folder's mean pixel change is measured on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,8 @@ def shifted(dataset: TensorImages, shift: Shift, data: str) -> tuple[TensorImage
     if shift.is_clean:
         return dataset, unchanged
     assert shift.corruption is not None
+    if isinstance(dataset, FileImages) and dataset.streamed:
+        return _shifted_stream(dataset, shift, data)
     clean = _pixels(dataset)
     if not shift.corruption.applies_to(clean.shape[1]):
         log.warning(
@@ -142,6 +146,34 @@ def shifted(dataset: TensorImages, shift: Shift, data: str) -> tuple[TensorImage
     return result, shift.describe() | {
         "shift_applied": True,
         "shift_mean_abs_change": change / max(1, images.numel()),
+    }
+
+
+def _shifted_stream(
+    dataset: FileImages, shift: Shift, data: str
+) -> tuple[TensorImages, dict[str, Any]]:
+    """A streamed folder under `shift`: corrupted per batch, as it is decoded; the mean absolute
+    change is measured on its first CHANGE_SAMPLE images (decoding them all is a pass of its own).
+    """
+    unchanged = shift.describe() | {"shift_applied": False, "shift_mean_abs_change": 0.0}
+    assert shift.corruption is not None
+    if not shift.corruption.applies_to(dataset.reader.channels):
+        log.warning(
+            "shift %s does not apply to %d-channel images: they are scored as they are",
+            shift.name,
+            dataset.reader.channels,
+        )
+        return dataset, unchanged
+    result = dataset.subset(range(len(dataset)))
+    assert isinstance(result, FileImages)
+    result.shift = shift.describe()
+    result.corruption = functools.partial(corrupt, data=data, shift=shift)
+    sample = range(min(CHANGE_SAMPLE, len(dataset)))
+    change = (result.pixels(sample) - dataset.pixels(sample)).abs().double().mean()
+    log.info("shift %s, severity %d: %d images, streamed", shift.name, shift.severity, len(result))
+    return result, shift.describe() | {
+        "shift_applied": True,
+        "shift_mean_abs_change": float(change),
     }
 
 

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"device"},
     {"inputs"},
     {"decode"},
+    {"imagesets"},
     {"formats"},
     {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
     {"corruptions"},

@@ -379,6 +379,9 @@ class Scenarios:
             (self.tmp / "texts" / name / "notes.txt").write_text("not an image")
         return self.imagefolder(self.tmp / "texts")
 
+    def unknown_stream_choice(self) -> Case:
+        return self.imagefolder(self.digit_folder(self.tmp / "digits"), "data.dataset.stream=yes")
+
     def unknown_calibration(self) -> Case:
         return self.evaluate("calibration=platt")
 

@@ -4,78 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from ml_infer.data import ImageFolderDataset, UnlabelledImages
 from ml_infer.decode import read_image
 from ml_infer.errors import UserError
 from ml_infer.task import run_evaluation
 
-from .conftest import compose_config
-
-MODES = ("L", "RGB", "RGBA", "P", "I;16")
-
-
-def digit_image(pixels: np.ndarray, mode: str) -> Image.Image:
-    """A real 8x8 digit scan (values 0..16) as a 32x32 image in the given PIL mode."""
-    gray = Image.fromarray((pixels * 255 / 16).astype(np.uint8), "L").resize(
-        (32, 32), Image.NEAREST
-    )
-    if mode == "I;16":
-        return Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # full 16-bit range
-    if mode == "P":
-        return gray.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
-    if mode == "RGBA":
-        rgba = gray.convert("RGBA")
-        rgba.putalpha(255)
-        return rgba
-    return gray.convert(mode)
-
-
-@pytest.fixture(scope="module")
-def messy_folder(tmp_path_factory) -> tuple[Path, dict[str, str], int]:
-    """ROOT/test/<digit>/ with test-split digits in mixed modes, plus files that must be skipped.
-
-    Returns the root, the skipped files with their reasons, and the number of good images.
-    """
-    from ml_infer.data import DigitsDataset
-
-    root = tmp_path_factory.mktemp("messy")
-    test = DigitsDataset(split="test")
-    good = 0
-    for position in range(0, 120):
-        label = int(test.labels[position])
-        pixels = (test.images[position, 0].numpy() * 16).round()
-        folder = root / "test" / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        mode = MODES[position % len(MODES)]
-        suffix = ".PNG" if position % 7 == 0 else ".png"  # uppercase extensions count too
-        digit_image(pixels, mode).save(
-            folder / f"scan_{position:03d}_{mode.replace(';', '')}{suffix}"
-        )
-        good += 1
-    nested = root / "test" / "4" / "more_scans"  # images nested below a class folder belong to it
-    nested.mkdir()
-    digit_image((test.images[test.labels == 4][0, 0].numpy() * 16).round(), "L").save(
-        nested / "deep.png"
-    )
-    good += 1
-    (root / "test" / "7" / "empty.jpg").write_bytes(b"")
-    (root / "test" / "7" / "notes.txt").write_text("labelling notes")
-    (root / "test" / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (root / "test" / "README.md").write_text("not inside a class folder")
-    (root / "test" / "2" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: ignored silently
-    skipped = {
-        "test/7/empty.jpg": "unreadable image",
-        "test/7/notes.txt": "not an image file",
-        "test/3/broken.png": "unreadable image",
-        "test/README.md": "not inside a class folder",
-    }
-    return root, skipped, good
+from .conftest import MODES, compose_config, digit_image
 
 
 def test_messy_folder_loads_every_good_image_and_lists_the_bad_ones(messy_folder):

@@ -31,15 +31,48 @@ def torchvision_pixels(path: Path, resize: int, crop: int, interpolation: str) -
         return transforms.functional.pil_to_tensor(pipeline(image.convert("RGB")))
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_resize_and_centre_crop_equal_torchvisions(photo_folder, interpolation):
+def test_resize_and_centre_crop_equal_torchvisions(photo_folder, interpolation, stream):
+    """Equal to torchvision's PIL pipeline: JPEGs decode to the same pixels (libjpeg-turbo both
+    ways, through torchvision.io here) and are resized by PIL, held or streamed."""
     data = ImageFolderDataset(
-        photo_folder, image_size=(224, 224), resize=256, interpolation=interpolation
+        photo_folder, image_size=(224, 224), resize=256, interpolation=interpolation, stream=stream
     )
-    assert data.images.shape == (12, 3, 224, 224)
-    for image, path in zip(data.images, data.sample_ids):
+    images = data.pixels().mul(255).round().to(torch.uint8)
+    assert images.shape == (12, 3, 224, 224)
+    for image, path in zip(images, data.sample_ids):
         expected = torchvision_pixels(photo_folder / path, 256, 224, interpolation)
         assert torch.equal(image, expected), path
+
+
+def test_without_torchvisions_decoder_pil_decodes_the_same_pixels(photo_folder, monkeypatch):
+    from ml_infer import decode
+
+    assert decode._torchvision_jpeg_decoder() is not None  # torchvision 0.29 still has one
+    fast = ImageFolderDataset(photo_folder, image_size=(224, 224), resize=256, stream=True)
+    monkeypatch.setattr(decode, "_torchvision_jpeg_decoder", lambda: None)
+    slow = ImageFolderDataset(photo_folder, image_size=(224, 224), resize=256, stream=True)
+    assert torch.equal(fast.pixels(), slow.pixels())
+    for image, path in zip(slow.pixels(), slow.sample_ids):
+        expected = torchvision_pixels(photo_folder / path, 256, 224, "bilinear")
+        assert torch.equal(image.mul(255).round().to(torch.uint8), expected), path
+
+
+def test_a_cmyk_jpeg_is_read_as_pil_reads_it(tmp_path):
+    from PIL import Image
+
+    from ml_infer.decode import read_image
+
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), np.uint8)).convert(
+        "CMYK"
+    ).save(path, quality=95)
+    with Image.open(path) as image:
+        assert image.mode == "CMYK"
+        expected = np.asarray(image.convert("RGB").resize((30, 20), Image.Resampling.BILINEAR))
+    ours = read_image(path, size=(20, 30), channels=3)
+    assert np.array_equal(ours, expected.transpose(2, 0, 1))
 
 
 def test_a_crop_larger_than_the_resized_photo_is_padded_as_torchvision_pads(photo_folder):

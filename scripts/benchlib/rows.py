@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ml_infer.augment import Views
-from ml_infer.data import TensorImages, make_loader
+from ml_infer.data import make_loader
 from ml_infer.device import resolve_autocast_dtype
+from ml_infer.imagesets import TensorImages
 from ml_infer.passes import predict_dataset
 from ml_infer.predictor import EngineSettings, Predictor
 
