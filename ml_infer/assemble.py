@@ -44,11 +44,7 @@ class StoreKeys:
         device = predictor.device
         return cls(
             members=members,
-            view_ids={
-                name: f"{type(aug).__module__}.{type(aug).__qualname__}:{name}"
-                for aug in predictor.views.augmentations
-                for name in aug.view_names
-            },
+            view_ids=predictor.views.view_ids(),
             shared={
                 "data": data,
                 **({"shift": shift} if shift else {}),

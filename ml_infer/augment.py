@@ -12,19 +12,23 @@ Adding an augmentation: one class here (or anywhere importable) and one yaml fil
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ml_infer.errors import UserError
+from ml_infer.errors import UserError, one_of
 from ml_infer.inputs import grayscale
 
 
 class Augmentation:
-    """Maps a batch [B, C, H, W] to `len(self.view_names)` views, stacked as [V, B, C, H, W]."""
+    """Maps a batch [B, C, H, W] to `len(self.view_names)` views, stacked as [V, B, C, H, W].
+
+    One that `needs_corners` is given the five crops of each photo instead ([B, 5, C, H, W],
+    see ml_infer.photoviews), which the data set then reads."""
 
     view_names: tuple[str, ...] = ()
+    needs_corners = False
 
     def __call__(self, images: Tensor) -> Tensor:
         raise NotImplementedError
@@ -170,30 +174,77 @@ class Contrast(_Intensity):
         return grayscale(images).mean(dim=(-3, -2, -1), keepdim=True)
 
 
+COMPOSITIONS = ("sum", "product")
+
+
 class Views:
-    """The identity view followed by every augmentation's views.
+    """The identity view followed by every augmentation's views (`compose="sum"`), or every
+    combination of one view (or none) of each augmentation, in order (`"product"`: flips x
+    scales gives 3 x 3 views, each named like "horizontal_flip+scale_0.9").
 
     >>> views = Views([HorizontalFlip(), Brightness()])
     >>> views.names
     ('identity', 'horizontal_flip', 'brightness_0.9', 'brightness_1.1')
     >>> views(torch.zeros(5, 3, 4, 4)).shape
     torch.Size([4, 5, 3, 4, 4])
+    >>> Views([HorizontalFlip(), Brightness()], compose="product").names[:4]
+    ('identity', 'brightness_0.9', 'brightness_1.1', 'horizontal_flip')
     """
 
-    def __init__(self, augmentations: Sequence[Augmentation]) -> None:
+    def __init__(self, augmentations: Sequence[Augmentation], compose: str = "sum") -> None:
+        if compose not in COMPOSITIONS:
+            raise one_of("tta.compose", compose, COMPOSITIONS)
         self.augmentations = [Identity(), *augmentations]
-        self.names = tuple(name for aug in self.augmentations for name in aug.view_names)
+        self.compose = compose
+        self.needs_corners = any(aug.needs_corners for aug in augmentations)
+        if compose == "product" and any(aug.needs_corners for aug in augmentations[1:]):
+            raise UserError("under tta.compose=product, a crop view must be the first augmentation")
+        self.names = tuple(self._labels(lambda aug, name: name))
         duplicates = sorted({name for name in self.names if self.names.count(name) > 1})
         if duplicates:
             raise UserError(f"tta.augmentations repeats views {duplicates}; list each once")
+
+    def view_ids(self) -> dict[str, str]:
+        """Each view's name -> what makes it (augmentation classes and view names), for keys."""
+        ids = self._labels(
+            lambda aug, name: f"{type(aug).__module__}.{type(aug).__qualname__}:{name}"
+        )
+        return dict(zip(self.names, ids))
+
+    def _labels(self, label: Callable[[Augmentation, str], str]) -> list[str]:
+        identity, *others = self.augmentations
+        if self.compose == "sum":
+            return [label(aug, name) for aug in self.augmentations for name in aug.view_names]
+        labels = [label(identity, "identity")]
+        for aug in others:
+            made = [label(aug, name) for name in aug.view_names]
+            labels = [
+                b if a == labels[0] and b is not None else a if b is None else f"{a}+{b}"
+                for a in labels
+                for b in (None, *made)
+            ]
+        return labels
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __call__(self, images: Tensor) -> Tensor:
+        """[B, C, H, W] images (or [B, 5, C, H, W] crops, the centre first) -> [V, B, C, H, W]."""
+        centre = images[:, 0] if images.dim() == 5 else images
         if len(self.augmentations) == 1:
-            return images.unsqueeze(0)
-        return torch.cat([aug(images) for aug in self.augmentations], dim=0)
+            return centre.unsqueeze(0)
+        if self.compose == "sum":
+            return torch.cat(
+                [aug(images if aug.needs_corners else centre) for aug in self.augmentations]
+            )
+        views = centre.unsqueeze(0)
+        for aug in self.augmentations[1:]:
+            if aug.needs_corners:  # the first: views holds the identity alone
+                views = torch.cat([views, aug(images)])
+                continue
+            made = aug(views.flatten(0, 1)).unflatten(1, views.shape[:2])  # [A, V, B, ...]
+            views = torch.cat([views.unsqueeze(0), made]).transpose(0, 1).flatten(0, 1)
+        return views
 
     def subset(self, names: Sequence[str]) -> ViewSubset:
         """Only the views `names` (in that order), made by the augmentations that make them."""
@@ -212,14 +263,29 @@ class ViewSubset(Views):
         unknown = sorted(set(names) - set(views.names))
         if unknown:
             raise UserError(f"views {unknown} are not among {list(views.names)}")
-        self.augmentations = [
-            aug for aug in views.augmentations if set(aug.view_names) & set(names)
-        ]
-        made = [name for aug in self.augmentations for name in aug.view_names]
+        self.parent, self.compose, self.needs_corners = views, views.compose, views.needs_corners
+        self.augmentations = views.augmentations
         self.names = tuple(names)
+        self._ids = {name: views.view_ids()[name] for name in names}
+        if views.compose == "sum":  # only the augmentations that make the views asked for
+            self.augmentations = [
+                aug for aug in views.augmentations if set(aug.view_names) & set(names)
+            ]
+            made = [name for aug in self.augmentations for name in aug.view_names]
+        else:
+            made = list(views.names)
         self._positions = torch.tensor([made.index(name) for name in names])
-        self._all_made = len(made) == len(names) and list(made) == list(names)
+        self._all_made = list(made) == list(names)
+
+    def view_ids(self) -> dict[str, str]:
+        return dict(self._ids)
 
     def __call__(self, images: Tensor) -> Tensor:
-        views = torch.cat([aug(images) for aug in self.augmentations], dim=0)
+        if self.compose == "product":
+            views = self.parent(images)
+        else:
+            centre = images[:, 0] if images.dim() == 5 else images
+            views = torch.cat(
+                [aug(images if aug.needs_corners else centre) for aug in self.augmentations]
+            )
         return views if self._all_made else views.index_select(0, self._positions)

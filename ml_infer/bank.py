@@ -303,3 +303,17 @@ def configured_input_spec(cfg: Any, path: Path) -> InputSpec:
             "interpolation": given.get("interpolation"),
         }
     )
+
+
+def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]) -> None:
+    if list(data_classes) == list(model_classes):
+        return
+    only_data = sorted(set(data_classes) - set(model_classes))
+    only_model = sorted(set(model_classes) - set(data_classes))
+    detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
+    if not only_data and not only_model:
+        detail = (
+            f"same names in another order: data {list(data_classes)}, "
+            f"checkpoint {list(model_classes)}"
+        )
+    raise UserError(f"the data's classes differ from the checkpoint's ({detail})")

@@ -50,12 +50,19 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     )
     augmentations: dict[tuple[str, ...], Augmentation] = {}  # every stage's views, once each
     for stage_cfg in configs:
+        if stage_cfg.tta.get("compose", "sum") != "sum":
+            raise UserError("a cascade's stages take tta.compose=sum: their views are shared")
         for augmentation in build_views(stage_cfg.tta.augmentations).augmentations:
             augmentations.setdefault(augmentation.view_names, augmentation)
     runner = build_runner("single", cfg.device)
     torch.manual_seed(cfg.seed)
     posthoc_wanted = needs_calibration_split(cfg)
-    inputs = load_inputs(cfg, paths, with_calibration=thresholds is None or posthoc_wanted)
+    inputs = load_inputs(
+        cfg,
+        paths,
+        with_calibration=thresholds is None or posthoc_wanted,
+        corners=any(a.needs_corners for a in augmentations.values()),
+    )
     views = Views([a for names, a in augmentations.items() if names != ("identity",)])
     every = plain_predictor(cfg, inputs, views, runner.device)
     stages = build_stages(every, configs, {str(path): i for i, path in enumerate(paths)})

@@ -80,7 +80,13 @@ class DigitsDataset(TensorImages):
         channels: int = 1,
         resize: int | None = None,
         interpolation: str = "bilinear",
+        corners: bool = False,
     ):
+        if corners:
+            raise UserError(
+                "crop views (five_crop, ten_crop) need photos read with a resize before the "
+                "centre crop; the digits are 8x8 scans resized straight to the model's size"
+            )
         if split not in SPLITS:
             raise one_of("split", split, SPLITS)
         digits = _load_digits()
@@ -138,6 +144,7 @@ class ImageFolderDataset(FileImages):
         resize: int | None = None,
         interpolation: str = "bilinear",
         stream: Any = "auto",
+        corners: bool = False,
     ):
         root = Path(root)
         where = split_dir(root, split)
@@ -171,6 +178,7 @@ class ImageFolderDataset(FileImages):
             resize=resize,
             interpolation=interpolation,
             stream=stream,
+            corners=corners,
         )
         for label, name in enumerate(classes):
             if not (loaded["labels"] == label).any():
@@ -195,6 +203,7 @@ class UnlabelledImages(FileImages):
         resize: int | None = None,
         interpolation: str = "bilinear",
         stream: Any = "auto",
+        corners: bool = False,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -213,6 +222,7 @@ class UnlabelledImages(FileImages):
             resize=resize,
             interpolation=interpolation,
             stream=stream,
+            corners=corners,
         )
         super().__init__(**loaded, classes=[])
 

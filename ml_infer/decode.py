@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml_infer.crops import centre_crop, shorter_side, view_crops
 from ml_infer.errors import UserError, brief
 from ml_infer.inputs import MAX_IMAGE_PIXELS
 
@@ -33,34 +34,49 @@ class DecodedImages:
         return sorted(self.errors)
 
 
-def decode_images(
-    paths: Sequence[Path],
-    *,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int = 4,
-    resize: int | None = None,
-    interpolation: str = "bilinear",
-) -> DecodedImages:
+@dataclasses.dataclass(frozen=True)
+class ImageReader:
+    """How a file becomes a model's input: uint8 [channels, H, W] at `size` (see read_image),
+    or with `corners`, the crops of the resized photo that crop views use, [6, channels, H, W]."""
+
+    size: tuple[int, int]
+    channels: int
+    resize: int | None = None
+    interpolation: str = "bilinear"
+    corners: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise UserError(f"images can be read as 1 or 3 channels, not {self.channels}")
+        if self.corners and self.resize is None:
+            raise UserError(
+                "crop views (five_crop, ten_crop) need photos read with a resize before the "
+                "centre crop (checkpoint.input.resize or crop_pct, or a torchvision weights "
+                "entry); this input resizes straight to the model's size"
+            )
+
+    def __call__(self, path: Path) -> np.ndarray:
+        return read_image(path, **dataclasses.asdict(self))
+
+
+def decode_images(paths: Sequence[Path], reader: ImageReader, threads: int = 4) -> DecodedImages:
     """Decodes, converts and resizes every file; failures are recorded, never raised.
 
     The jobs of a sweep run in one process under Hydra's basic launcher, each loading the same
     folder: the last result is kept (up to 1 GiB of pixels) and served again while no file has
-    changed (same paths, sizes and modification times, same size and channels asked for).
+    changed (same paths, sizes and modification times, the same reader).
     """
-    if channels not in (1, 3):
-        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
-    key = _decode_key(paths, image_size, channels)
-    key = None if key is None else (*key, resize, interpolation)
+    try:
+        key: Any = (
+            tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths),
+            reader,
+        )
+    except OSError:
+        key = None  # a file that cannot be looked at: decode again
     if key is not None and _last_decoded.get("key") == key:
-        return _last_decoded["value"]  # type: ignore[no-any-return]
-    decoded = _decode(
-        paths,
-        image_size=image_size,
-        channels=channels,
-        threads=threads,
-        crop=(resize, interpolation),
-    )
+        cached: DecodedImages = _last_decoded["value"]
+        return cached
+    decoded = _decode(paths, reader, threads)
     pixels = sum(image.nbytes for image in decoded.images if image is not None)
     _last_decoded.clear()
     if key is not None and pixels <= _CACHE_BYTES:
@@ -73,33 +89,10 @@ _last_decoded: dict[str, Any] = {}
 _CACHE_BYTES = 1 << 30
 
 
-def _decode_key(
-    paths: Sequence[Path], image_size: Sequence[int] | int | None, channels: int
-) -> tuple[Any, ...] | None:
-    """What decoding depends on; None when a file cannot be looked at (decode it again)."""
-    try:
-        files = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
-    except OSError:
-        return None
-    size = image_size if image_size is None or isinstance(image_size, int) else tuple(image_size)
-    return (files, size, channels)
-
-
-def _decode(
-    paths: Sequence[Path],
-    *,
-    image_size: Sequence[int] | int | None,
-    channels: int,
-    threads: int,
-    crop: tuple[int | None, str] = (None, "bilinear"),
-) -> DecodedImages:
-    size = target_size(paths, image_size)
-
+def _decode(paths: Sequence[Path], reader: ImageReader, threads: int) -> DecodedImages:
     def decode(path: Path) -> np.ndarray | str:
         try:
-            return read_image(
-                path, size=size, channels=channels, resize=crop[0], interpolation=crop[1]
-            )
+            return reader(path)
         except ImageTooLarge as error:
             return str(error)
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
@@ -143,10 +136,12 @@ def read_image(
     channels: int,
     resize: int | None = None,
     interpolation: str = "bilinear",
+    corners: bool = False,
 ) -> np.ndarray:
     """One image file as uint8 [channels, H, W] at `size` (H, W), whatever its mode: resized to
     `size`, or, with `resize`, its shorter side to `resize` and then cropped to `size` about its
-    centre, as torchvision's Resize(resize) + CenterCrop(size) do to a PIL image.
+    centre, as torchvision's Resize(resize) + CenterCrop(size) do to a PIL image; with `corners`
+    too, [6, channels, H, W]: the crops of the resized photo that crop views use (`view_crops`).
 
     JPEGs in RGB or gray are decoded by torchvision.io (libjpeg-turbo: the same pixels as PIL's
     decoder in 60% of its time here), every other file by PIL; resizing is PIL's, which
@@ -169,10 +164,17 @@ def read_image(
             "bicubic": Image.Resampling.BICUBIC,
         }[interpolation]
         if resize is not None:
-            image = centre_crop(image.resize(shorter_side(image.size, resize), resample), size)
+            resized = image.resize(shorter_side(image.size, resize), resample)
+            if corners:
+                return np.stack([_channels_first(crop) for crop in view_crops(resized, size)])
+            image = centre_crop(resized, size)
         elif image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), resample)
-        array = np.asarray(image, dtype=np.uint8)
+        return _channels_first(image)
+
+
+def _channels_first(image: Any) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
@@ -263,36 +265,6 @@ def _to_channels(image: Any, channels: int) -> Any:
     if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
         image = image.convert("RGBA").convert("RGB")
     return image.convert("RGB")
-
-
-def shorter_side(size: tuple[int, int], shorter: int) -> tuple[int, int]:
-    """(width, height) with the shorter side `shorter` and the aspect kept, rounded down as
-    torchvision's Resize(int) rounds.
-
-    >>> shorter_side((640, 480), 256)
-    (341, 256)
-    """
-    width, height = size
-    if width <= height:
-        return shorter, int(shorter * height / width)
-    return int(shorter * width / height), shorter
-
-
-def centre_crop(image: Any, size: tuple[int, int]) -> Any:
-    """The (H, W) `size` centre of a PIL image, at torchvision's CenterCrop offsets
-    (round((side - crop) / 2)); a crop larger than the image is padded with black as there."""
-    from PIL import Image
-
-    height, width = size
-    if image.width < width or image.height < height:
-        padded = Image.new(image.mode, (max(width, image.width), max(height, image.height)))
-        padded.paste(
-            image, ((padded.width - image.width) // 2, (padded.height - image.height) // 2)
-        )
-        image = padded
-    top = round((image.height - height) / 2.0)
-    left = round((image.width - width) / 2.0)
-    return image.crop((left, top, left + width, top + height))
 
 
 def _to_8bit(image: Any) -> Any:

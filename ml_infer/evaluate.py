@@ -23,6 +23,7 @@ from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
 from ml_infer.bank import (
     Classifier,
+    check_same_classes,
     configured_input_spec,
     expand_checkpoint_paths,
     load_ensemble,
@@ -68,12 +69,14 @@ class Evaluation:
     calibration_ids: list[Any] | None = None  # the images they were fitted on
 
 
-def build_views(augmentations: Sequence[Any]) -> Views:
-    """The identity view plus each named (or inline `_target_`) augmentation's views."""
+def build_views(augmentations: Sequence[Any], compose: str = "sum") -> Views:
+    """The identity view plus each named (or inline `_target_`) augmentation's views, or their
+    combinations (`compose="product"`)."""
     if isinstance(augmentations, str):
         augmentations = [augmentations]
     return Views(
-        [instantiate_named("augmentation", entry, "augmentation") for entry in augmentations or []]
+        [instantiate_named("augmentation", entry, "augmentation") for entry in augmentations or []],
+        compose,
     )
 
 
@@ -109,7 +112,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     if cfg.mode == "predict" and not cfg.predict.root:
         raise UserError("mode=predict needs predict.root=DIR, a folder of images")
     check_settings(cfg)
-    views = build_views(cfg.tta.augmentations)
+    views = build_views(cfg.tta.augmentations, cfg.tta.get("compose", "sum"))
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
     runner = build_runner(strategy.runner, cfg.device)
@@ -120,7 +123,10 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     torch.manual_seed(cfg.seed)
     fits_views = isinstance(view_aggregator, LearnedWeights)  # tta.aggregation=learned
     loaded = load_inputs(
-        cfg, checkpoint_paths, with_calibration=needs_calibration_split(cfg) or fits_views
+        cfg,
+        checkpoint_paths,
+        with_calibration=needs_calibration_split(cfg) or fits_views,
+        corners=views.needs_corners,
     )
     members, input_spec, dataset, split = (
         loaded.members,
@@ -270,18 +276,29 @@ class Inputs:
 
 
 def load_inputs(
-    cfg: DictConfig, checkpoint_paths: Sequence[Path], *, with_calibration: bool
+    cfg: DictConfig,
+    checkpoint_paths: Sequence[Path],
+    *,
+    with_calibration: bool,
+    corners: bool = False,
 ) -> Inputs:
-    """Opens the checkpoints, loads the data at their input size, takes the calibration split,
-    builds the models, and checks that every split's classes are the models'."""
+    """Opens the checkpoints, loads the data at their input size (each image as its five crops
+    with `corners`, for crop views), takes the calibration split, builds the models, and checks
+    that every split's classes are the models'."""
     shift = shift_of(cfg)
+    if corners and not shift.is_clean:
+        raise UserError(
+            f"shift={shift.name} with crop views (five_crop, ten_crop) is not supported: "
+            "corrupt the photos or crop them, not both"
+        )
     prefix = cfg.checkpoint.get("state_dict_prefix")
     checkpoints = [open_checkpoint(path, prefix) for path in checkpoint_paths]
     input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
-    dataset = _load_data(cfg, input_spec)
+    fit = input_spec.fit() | ({"corners": True} if corners else {})
+    dataset = _load_data(cfg, fit)
     split = None
     if with_calibration:
-        split = calibration_split(cfg, dataset, _fit_of(input_spec))
+        split = calibration_split(cfg, dataset, fit)
         dataset = split.scored
     # After the split: what a strategy fits, it fits on clean images.
     dataset, shift_report = shifted(dataset, shift, cfg.data.name)
@@ -317,13 +334,8 @@ def plain_predictor(cfg: DictConfig, inputs: Inputs, views: Views, device: Any) 
     )
 
 
-def _fit_of(input_spec: InputSpec) -> dict[str, Any]:
-    return input_spec.fit()
-
-
-def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:
+def _load_data(cfg: DictConfig, fit: dict[str, Any]) -> TensorImages:
     """The labelled split to score, or the folder to predict, at the model's input size."""
-    fit = _fit_of(input_spec)
     if cfg.mode == "predict":
         return UnlabelledImages(
             cfg.predict.root,
@@ -332,17 +344,3 @@ def _load_data(cfg: DictConfig, input_spec: InputSpec) -> TensorImages:
             stream=cfg.predict.get("stream", "auto"),
         )
     return build_dataset(cfg.data, cfg.data.split, **fit)
-
-
-def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]) -> None:
-    if list(data_classes) == list(model_classes):
-        return
-    only_data = sorted(set(data_classes) - set(model_classes))
-    only_model = sorted(set(model_classes) - set(data_classes))
-    detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
-    if not only_data and not only_model:
-        detail = (
-            f"same names in another order: data {list(data_classes)}, "
-            f"checkpoint {list(model_classes)}"
-        )
-    raise UserError(f"the data's classes differ from the checkpoint's ({detail})")

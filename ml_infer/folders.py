@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ml_infer.decode import decode_images, target_size
+from ml_infer.decode import ImageReader, decode_images, target_size
 from ml_infer.errors import UserError
-from ml_infer.imagesets import ImageReader, SkippedFile, check_files, should_stream
+from ml_infer.imagesets import SkippedFile, check_files, should_stream
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +66,19 @@ def open_images(
     resize: int | None = None,
     interpolation: str = "bilinear",
     stream: Any = "auto",
+    corners: bool = False,
 ) -> dict[str, Any]:
     """`FileImages` arguments for the files that can be used, decoded and held, or checked and
     left to stream (`stream`: true, false, or auto: stream above STREAM_ABOVE_BYTES of pixels);
-    the files that cannot be used join the skipped list."""
-    if channels not in (1, 3):
-        raise UserError(f"images can be read as 1 or 3 channels, not {channels}")
-    reader = ImageReader(target_size(paths, image_size), channels, resize, interpolation)
+    the files that cannot be used join the skipped list. `corners`: each image as its five crops
+    (`ImageReader`), for crop views."""
+    reader = ImageReader(target_size(paths, image_size), channels, resize, interpolation, corners)
     streamed = should_stream(stream, len(paths), reader)
     if streamed:
         checked = check_files(paths, threads)
         errors, images, digests = checked.errors, None, checked.digests
     else:
-        decoded = decode_images(
-            paths,
-            image_size=reader.size,
-            channels=channels,
-            threads=threads,
-            resize=resize,
-            interpolation=interpolation,
-        )
+        decoded = decode_images(paths, reader, threads)
         errors, digests = decoded.errors, []
         images = [image for image in decoded.images if image is not None]
     kept = [i for i in range(len(paths)) if i not in errors]

@@ -29,32 +29,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ml_infer.decode import _own_size_limit, check_image, read_image
+from ml_infer.decode import ImageReader, _own_size_limit, check_image
 from ml_infer.errors import UserError, brief
 
 log = logging.getLogger(__name__)
 
 STREAM_ABOVE_BYTES = 1 << 30  # decoded uint8 pixels; the in-memory decode cache's limit too
 STREAM_CHOICES = ("auto", True, False)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageReader:
-    """How a file becomes a model's input: uint8 [channels, H, W] at `size` (see read_image)."""
-
-    size: tuple[int, int]
-    channels: int
-    resize: int | None = None
-    interpolation: str = "bilinear"
-
-    def __call__(self, path: Path) -> np.ndarray:
-        return read_image(
-            path,
-            size=self.size,
-            channels=self.channels,
-            resize=self.resize,
-            interpolation=self.interpolation,
-        )
 
 
 def should_stream(stream: Any, images: int, reader: ImageReader) -> bool:

@@ -212,10 +212,12 @@ def write_run(evaluation: Evaluation, run_dir: Path) -> None:
 
 
 class _ImagesAt:
-    """`dataset.pixels(i)` as `images[i]`: the montage decodes only the images it shows."""
+    """`dataset.pixels(i)` as `images[i]`: the montage decodes only the images it shows (of a
+    photo read as its five crops, the centre one)."""
 
     def __init__(self, dataset: TensorImages):
         self.dataset = dataset
 
     def __getitem__(self, position: int) -> Any:
-        return self.dataset.pixels(position)
+        image = self.dataset.pixels(position)
+        return image[0] if image.dim() == 4 else image

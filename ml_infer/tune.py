@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ml_infer.aggregate import Predictions
 from ml_infer.assemble import StoreKeys, assemble
+from ml_infer.augment import Views
 from ml_infer.bank import expand_checkpoint_paths
 from ml_infer.config import conf_dir, instantiate_named, options
 from ml_infer.errors import UserError, one_of
@@ -79,7 +80,11 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
             f"mode=tune chooses on the clean calibration split; shift={cfg.shift.name} applies "
             "to scored images: tune without it, then score the presets under shift"
         )
-    pool = build_views(options("augmentation"))
+    # Every augmentation but the crop views: those need photos read as five crops each.
+    candidates = [
+        instantiate_named("augmentation", name, "augmentation") for name in options("augmentation")
+    ]
+    pool = Views([aug for aug in candidates if not aug.needs_corners])
     checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
     runner = build_runner("single", cfg.device)
     torch.manual_seed(cfg.seed)
@@ -118,9 +123,10 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
     )
     policy = greedy_policy(per_view[kept], labels, settings.objective, int(settings.max_views))
     chosen_views = [views[kept[index]] for index in policy.chosen]
-    hand = {
+    hand = {  # the hand presets made of candidate views (not crop views or products)
         preset: _preset_score(preset, probs, views, labels, settings.objective)
         for preset in options_in_conf("tta")
+        if set(_preset_views(preset)) <= set(views)
     }
     screened = {views[k] for k in range(len(views)) if k not in kept}
     eligible = [p for p in hand if not screened & set(_preset_views(p))] or ["none"]
@@ -217,7 +223,9 @@ def options_in_conf(group: str) -> list[str]:
 
 def _preset_views(preset: str) -> tuple[str, ...]:
     preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{preset}.yaml")
-    return tuple(build_views(preset_cfg.augmentations or []).names)
+    return tuple(
+        build_views(preset_cfg.augmentations or [], preset_cfg.get("compose", "sum")).names
+    )
 
 
 def _preset_score(preset: str, probs: Tensor, views: list[str], labels: Tensor, name: str) -> float:

@@ -138,19 +138,41 @@ def test_identity_is_always_the_first_view():
 
 @pytest.mark.parametrize(
     ("preset", "expected_views"),
-    [("none", 1), ("flips", 3), ("seed_all", 10), ("d4", 8), ("intensity", 5), ("rotations", 4)],
+    [
+        ("none", 1),
+        ("flips", 3),
+        ("seed_all", 10),
+        ("d4", 8),
+        ("intensity", 5),
+        ("rotations", 4),
+        ("five_crop", 5),
+        ("ten_crop", 10),
+        ("flips_scales", 6),
+    ],
 )
 def test_view_count_of_each_tta_preset(preset, expected_views):
+    from ml_infer.config import options
+
+    assert preset in options("tta")
     cfg = compose_config([f"tta={preset}"])
-    views = build_views(cfg.tta.augmentations)
+    views = build_views(cfg.tta.augmentations, cfg.tta.compose)
     assert len(views) == expected_views
-    assert views(torch.rand(2, 1, 8, 8)).shape[0] == expected_views
+    crops = torch.rand(2, 6, 1, 8, 8)  # photos read as their crops, for crop views
+    assert views(crops if views.needs_corners else crops[:, 0]).shape[0] == expected_views
+
+
+def test_every_tta_preset_is_listed_above():
+    from ml_infer.config import options
+
+    listed = {"none", "flips", "seed_all", "d4", "intensity", "rotations"}
+    assert set(options("tta")) == listed | {"five_crop", "ten_crop", "flips_scales"}
 
 
 def test_every_augmentation_yaml_builds():
     for name in options("augmentation"):
         augmentation = instantiate_named("augmentation", name, "augmentation")
-        assert augmentation(torch.rand(2, 3, 4, 4)).shape[0] == len(augmentation.view_names)
+        images = torch.rand(2, 6, 3, 4, 4) if augmentation.needs_corners else torch.rand(2, 3, 4, 4)
+        assert augmentation(images).shape[0] == len(augmentation.view_names)
 
 
 def test_unknown_augmentation_lists_valid_names():

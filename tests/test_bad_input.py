@@ -379,6 +379,12 @@ class Scenarios:
             (self.tmp / "texts" / name / "notes.txt").write_text("not an image")
         return self.imagefolder(self.tmp / "texts")
 
+    def crop_views_without_a_resize(self) -> Case:
+        return self.evaluate("strategy=tta", "tta=five_crop")
+
+    def unknown_tta_composition(self) -> Case:
+        return self.evaluate("strategy=tta", "tta.compose=cartesian")
+
     def unknown_stream_choice(self) -> Case:
         return self.imagefolder(self.digit_folder(self.tmp / "digits"), "data.dataset.stream=yes")
 
