@@ -82,6 +82,7 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_a_tiny_run_measures_and_writes_every_row(bench, tmp_path, capsys, restore_torch_threads):
     output_dir = tmp_path / "bench"
     exit_code = bench.main(

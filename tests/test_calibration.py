@@ -32,6 +32,7 @@ def calibration_ids(run_dir: Path) -> list[str]:
         return [row[next(iter(row))] for row in csv.DictReader(handle)]
 
 
+@pytest.mark.slow
 def test_temperature_is_fitted_on_the_val_split_and_never_changes_a_class(runs_dir, tmp_path):
     metrics, rows = evaluated(runs_dir, tmp_path, "calibration=temperature")
     val = DigitsDataset(split="val")

@@ -86,6 +86,7 @@ def test_chunked_forward_equals_one_forward(fold_paths):
     assert torch.equal(small.preds, large.preds)
 
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_identical_predictions(runs_dir, tmp_path):
     overrides = ["strategy=tta_ensemble", "tta=flips", "seed=3"]
     first = run(overrides, runs_dir, tmp_path / "first")
@@ -94,6 +95,7 @@ def test_two_runs_with_the_same_seed_give_identical_predictions(runs_dir, tmp_pa
     assert first["accuracy"] == second["accuracy"] and first["nll"] == second["nll"]
 
 
+@pytest.mark.slow
 def test_data_batch_size_does_not_change_predictions(runs_dir, tmp_path):
     run(["strategy=ensemble", "data.batch_size=256"], runs_dir, tmp_path / "b256")
     run(["strategy=ensemble", "data.batch_size=50"], runs_dir, tmp_path / "b50")
@@ -103,6 +105,7 @@ def test_data_batch_size_does_not_change_predictions(runs_dir, tmp_path):
         assert abs(float(a["prob_3"]) - float(b["prob_3"])) < 1e-5
 
 
+@pytest.mark.slow
 def test_weighted_ensemble_weights_change_the_probabilities(runs_dir, tmp_path):
     even = run(
         ["strategy=ensemble", "ensemble=weighted", "ensemble.weights=[1,1,1]"],

@@ -85,6 +85,7 @@ def run_foreign(path, runs_dir, out, *extra):
     return run_evaluation(cfg, output_dir=out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_ema", [False, True], ids=["raw", "ema"])
 def test_seed_best_pt_with_ema_state_loads_safely(
     fold_paths, runs_dir, reference, tmp_path, use_ema

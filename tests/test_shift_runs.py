@@ -29,6 +29,7 @@ def evaluated(runs_dir: Path, out: Path, *overrides: str) -> tuple[dict, list[di
         return metrics, list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_the_model_sees_the_corrupted_images(runs_dir, fold_paths, tmp_path):
     """standard under shift predicts what the checkpoint predicts on images corrupted by hand."""
     overrides = ["shift=elastic_transform", "shift.severity=5"]

@@ -171,6 +171,7 @@ def test_two_jobs_writing_the_same_entry_at_once_leave_one_valid_entry(tmp_path)
     assert torch.equal(served, torch.arange(3600, dtype=torch.float32).view(360, 10) / 7.0)
 
 
+@pytest.mark.slow
 def test_fixed_minus_broken_is_the_accuracy_difference(runs_dir, tmp_path):
     for strategy in ("tta", "ensemble"):
         metrics, _ = evaluated(runs_dir, tmp_path / strategy, f"strategy={strategy}", "tta=flips")
@@ -238,6 +239,7 @@ def test_mutual_information_is_zero_for_one_member_and_positive_when_they_disagr
     assert float(uncertainty(views, merged)["mutual_information"].mean()) > 0
 
 
+@pytest.mark.slow
 def test_metrics_hold_the_new_figures(runs_dir, tmp_path):
     metrics, rows = evaluated(runs_dir, tmp_path / "run", "strategy=ensemble")
     for key in (

@@ -116,6 +116,7 @@ def test_a_stale_lock_is_taken_over_with_one_warning(tmp_path, capsys):
     assert release_sweep_lock(lock)
 
 
+@pytest.mark.slow
 def test_a_lock_from_another_host_or_unreadable_counts_as_held(tmp_path):
     lock = write_lock(tmp_path, dead_pid(), host="elsewhere.example")
     with pytest.raises(SweepDirInUse) as refused:

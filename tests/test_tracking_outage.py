@@ -29,6 +29,7 @@ def corrupt_sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+@pytest.mark.slow
 def test_preflight_refuses_a_corrupt_store_in_one_short_line(tmp_path):
     uri = corrupt_sqlite(tmp_path / "corrupt.db")
     with pytest.raises(TrackingFailed) as refused:
@@ -38,6 +39,7 @@ def test_preflight_refuses_a_corrupt_store_in_one_short_line(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_preflight_passes_a_good_store_and_no_tracking(tmp_path):
     uri = f"sqlite:///{tmp_path / 'good.db'}"
     preflight({"backend": "mlflow", "uri": uri, "experiment": "e"})
@@ -230,6 +232,7 @@ def test_report_sync_needs_a_sweep_directory(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_parent_is_closed_failed_when_the_store_answers_again_at_sweep_end(tmp_path):
     from mlflow.tracking import MlflowClient
     from omegaconf import OmegaConf

@@ -18,6 +18,7 @@ def train(tmp_path, name, *overrides):
     return train_folds(cfg)
 
 
+@pytest.mark.slow
 def test_same_seed_trains_identical_weights_and_folds_differ(tmp_path):
     first = train(tmp_path, "a")
     second = train(tmp_path, "b")
