@@ -227,3 +227,35 @@ def messy_folder(tmp_path_factory) -> tuple[Path, dict[str, str], int]:
         "test/README.md": "not inside a class folder",
     }
     return root, skipped, good
+
+
+def scored_resnet18(
+    photo_folder: Path, tmp_path: Path, *overrides: str
+) -> tuple[Any, dict[str, Any], list[dict[str, str]]]:
+    """A resnet18 with random weights, saved as torchvision saves them, scored by ml_infer on
+    the photo folder with ResNet18_Weights.IMAGENET1K_V1's transform: the model, the run's
+    metrics and its predictions.csv rows."""
+    import csv
+
+    import torch
+    import torchvision
+
+    from ml_infer.task import run_evaluation
+
+    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    path = tmp_path / "resnet18.pt"
+    torch.save(model.state_dict(), path)
+    config = compose_config(
+        [
+            "model=resnet18",
+            f"ensemble.checkpoints=[{path}]",
+            "checkpoint.input.weights=ResNet18_Weights.IMAGENET1K_V1",
+            "data=imagefolder",
+            f"data.root={photo_folder}",
+            "tracking=none",
+            *overrides,
+        ]
+    )
+    metrics = run_evaluation(config, output_dir=tmp_path / "run")
+    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
+        return model, metrics, list(csv.DictReader(handle))

@@ -14,9 +14,8 @@ import torch
 from ml_infer.data import ImageFolderDataset
 from ml_infer.errors import UserError
 from ml_infer.inputs import InputSpec, torchvision_weights_input
-from ml_infer.task import run_evaluation
 
-from .conftest import compose_config
+from .conftest import scored_resnet18
 
 
 def torchvision_pixels(path: Path, resize: int, crop: int, interpolation: str) -> torch.Tensor:
@@ -135,22 +134,7 @@ def test_a_torchvision_model_with_its_weights_transform_scores_a_photo_folder(
     import torchvision
     from PIL import Image
 
-    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
-    path = tmp_path / "resnet18.pt"
-    torch.save(model.state_dict(), path)
-    overrides = [
-        "model=resnet18",
-        f"ensemble.checkpoints=[{path}]",
-        "checkpoint.input.weights=ResNet18_Weights.IMAGENET1K_V1",
-        "data=imagefolder",
-        f"data.root={photo_folder}",
-        "engine.fold_batch_norm=false",
-    ]
-    run_evaluation(compose_config(overrides), output_dir=tmp_path / "run")
-    import csv
-
-    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    model, _, rows = scored_resnet18(photo_folder, tmp_path, "engine.fold_batch_norm=false")
     transform = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.transforms()
     for row in rows:
         with Image.open(photo_folder / row["path"]) as photo:

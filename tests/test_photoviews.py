@@ -3,7 +3,6 @@ same files, scale views, product composition, and the inputs they refuse."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,8 @@ from ml_infer.augment import HorizontalFlip, Views
 from ml_infer.data import DigitsDataset, ImageFolderDataset
 from ml_infer.errors import UserError
 from ml_infer.photoviews import FiveCrop, Scale, TenCrop
-from ml_infer.task import run_evaluation
 
-from .conftest import compose_config
+from .conftest import scored_resnet18
 
 TORCHVISION_ORDER = (
     "top_left",
@@ -131,27 +129,12 @@ def test_crop_views_and_compositions_say_what_is_wrong(photo_folder):
 def test_a_ten_crop_run_gives_torchvisions_ten_crop_probabilities(photo_folder, tmp_path):
     """resnet18 (random weights, saved as torchvision saves them), tta=ten_crop on the photo
     folder: the mean of the softmax over torchvision's TenCrop of each photo, within 1e-5."""
-    import torchvision
     from torchvision import transforms
 
-    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
-    path = tmp_path / "resnet18.pt"
-    torch.save(model.state_dict(), path)
-    overrides = [
-        "model=resnet18",
-        f"ensemble.checkpoints=[{path}]",
-        "checkpoint.input.weights=ResNet18_Weights.IMAGENET1K_V1",
-        "data=imagefolder",
-        f"data.root={photo_folder}",
-        "data.dataset.stream=true",
-        "strategy=tta",
-        "tta=ten_crop",
-        "tracking=none",
-    ]
-    metrics = run_evaluation(compose_config(overrides), output_dir=tmp_path / "run")
+    model, metrics, rows = scored_resnet18(
+        photo_folder, tmp_path, "data.dataset.stream=true", "strategy=tta", "tta=ten_crop"
+    )
     assert metrics["forward_passes_per_image"] == 10
-    with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
     normalise = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     for row in rows:
         crops = torch.stack(list(torchvision_ten_crops(photo_folder / row["path"]).values()))
