@@ -281,6 +281,8 @@ class ViewSubset(Views):
         return dict(self._ids)
 
     def __call__(self, images: Tensor) -> Tensor:
+        if self.names == ("identity",):  # standard's timing passes: no other view is made
+            return (images[:, 0] if images.dim() == 5 else images).unsqueeze(0)
         if self.compose == "product":
             views = self.parent(images)
         else:

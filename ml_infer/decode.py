@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +47,11 @@ class ImageReader:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise UserError(f"images can be read as 1 or 3 channels, not {self.channels}")
+        if self.corners and self.resize is not None and self.resize < max(self.size):
+            raise UserError(
+                f"crop views need the photo's shorter side resized to at least the crop: "
+                f"resize {self.resize} is smaller than the {self.size[1]}x{self.size[0]} input"
+            )
         if self.corners and self.resize is None:
             raise UserError(
                 "crop views (five_crop, ten_crop) need photos read with a resize before the "
@@ -149,12 +153,11 @@ def read_image(
     but 1/255 off in 0.1-0.2% of the pixels, enough to move probabilities by more than 1e-5)."""
     from PIL import Image
 
-    encoded = path.read_bytes()
-    with open_encoded(encoded, path) as opened:
+    with open_image(path) as opened:
         image: Any = opened
-        check_pixel_count(image)
+        check_pixel_count(image)  # from the header, before any pixel is decoded
         if _decodes_with_torchvision(image, channels):
-            pixels = _decode_jpeg(encoded, channels)
+            pixels = _decode_jpeg(path.read_bytes(), channels)
             image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).contiguous().numpy())
         else:
             image.load()
@@ -182,14 +185,13 @@ def check_image(path: Path) -> tuple[str, str | None]:
     """The SHA-256 of a file's bytes, and why it cannot be used as an image (None when it can):
     the header read and the whole file decoded, JPEGs at 1/8 scale (every byte is still read,
     so a truncated file fails here), nothing kept."""
-
     try:
-        encoded = path.read_bytes()
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as error:
         return "", f"unreadable file ({type(error).__name__}: {brief(error, 120)})"
-    digest = hashlib.sha256(encoded).hexdigest()
     try:
-        with open_encoded(encoded, path) as image:
+        with open_image(path) as image:
             check_pixel_count(image)
             if image.format == "JPEG":
                 image.draft(image.mode, (1, 1))
@@ -201,14 +203,25 @@ def check_image(path: Path) -> tuple[str, str | None]:
     return digest, None
 
 
-def open_encoded(encoded: bytes, path: Path) -> Any:
-    """PIL's image of a file's bytes; an unknown format is named by the file, not the buffer."""
-    from PIL import Image, UnidentifiedImageError
+# The formats PIL may read: those of IMAGE_EXTENSIONS, never one that runs an interpreter on
+# the file (EPS goes to Ghostscript) whatever the file's name says.
+PIL_FORMATS = ("BMP", "GIF", "JPEG", "MPO", "PNG", "PPM", "TIFF", "WEBP")
 
-    try:
-        return Image.open(io.BytesIO(encoded))
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError(f"cannot identify image file {path.name!r}") from None
+
+def open_image(path: Path) -> Any:
+    """PIL's lazy image of a file (its header read, no pixel decoded), in PIL_FORMATS only."""
+    from PIL import Image
+
+    return Image.open(path, formats=_readable_formats())
+
+
+@functools.cache
+def _readable_formats() -> tuple[str, ...]:
+    """PIL_FORMATS that this Pillow reads (Pillow 13 reads MPO files as JPEG)."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(name for name in PIL_FORMATS if name in Image.OPEN)
 
 
 def check_pixel_count(image: Any) -> None:
@@ -299,12 +312,11 @@ def _size_pair(image_size: Sequence[int] | int | None) -> tuple[int, int] | None
 
 
 def _common_size(paths: Sequence[Path]) -> tuple[int, int]:
-    from PIL import Image
 
     sizes = set()
     for path in paths:
         try:
-            with _own_size_limit(), Image.open(path) as image:
+            with _own_size_limit(), open_image(path) as image:
                 if image.width * image.height <= MAX_IMAGE_PIXELS:
                     sizes.add((image.height, image.width))
         except Exception:  # noqa: BLE001 - reported when decoding

@@ -296,6 +296,8 @@ def load_inputs(
     input_spec = checkpoints[0].input_spec or configured_input_spec(cfg, checkpoints[0].path)
     fit = input_spec.fit() | ({"corners": True} if corners else {})
     dataset = _load_data(cfg, fit)
+    if corners and dataset[0][0].dim() != 4:  # a data set of the user's own
+        raise UserError(f"data {cfg.data.name} does not read photos as crops for crop views")
     split = None
     if with_calibration:
         split = calibration_split(cfg, dataset, fit)

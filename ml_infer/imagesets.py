@@ -46,7 +46,8 @@ def should_stream(stream: Any, images: int, reader: ImageReader) -> bool:
     if stream != "auto":
         return bool(stream)
     height, width = reader.size
-    return images * reader.channels * height * width > STREAM_ABOVE_BYTES
+    crops = 6 if reader.corners else 1  # crop views read each photo as six crops
+    return images * crops * reader.channels * height * width > STREAM_ABOVE_BYTES
 
 
 @functools.cache
@@ -75,28 +76,36 @@ class FolderCheck:
 
 
 def check_files(paths: Sequence[Path], threads: int) -> FolderCheck:
-    """Every file read, hashed and test-decoded (`check_image`), in threads; the last folder's
-    result is kept for the next job of a sweep while no file has changed (paths, sizes, times)."""
+    """Every file read, hashed and test-decoded (`check_image`), in threads. The folders checked
+    last (a sweep's scored and calibration folders) are kept for the next jobs of the sweep while
+    no file has changed (paths, sizes, modification times)."""
     try:
         key: Any = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
     except OSError:
         key = None
-    if key is not None and _last_check.get("key") == key:
-        cached: FolderCheck = _last_check["value"]
-        return cached
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool, _own_size_limit():
-        results = list(pool.map(check_image, paths))
+    if key is not None and key in _checked:
+        return _checked[key]
+    pool = ThreadPoolExecutor(max_workers=max(1, threads))
+    try:
+        with _own_size_limit():
+            results = list(pool.map(check_image, paths))
+    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     checked = FolderCheck(
         digests=[digest for digest, _ in results],
         errors={i: error for i, (_, error) in enumerate(results) if error is not None},
     )
-    _last_check.clear()
     if key is not None:
-        _last_check.update(key=key, value=checked)
+        while len(_checked) >= _CHECKS_KEPT:
+            _checked.pop(next(iter(_checked)))
+        _checked[key] = checked
     return checked
 
 
-_last_check: dict[str, Any] = {}
+_checked: dict[Any, FolderCheck] = {}  # oldest first
+_CHECKS_KEPT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +204,11 @@ class FileImages(TensorImages):
     def data_key(self) -> str | None:
         if not self.streamed:
             return None
-        described = {"files": self.digests, "reader": dataclasses.asdict(self.reader)}
+        described = {
+            "files": self.digests,
+            "ids": hashlib.sha256(json.dumps(self.sample_ids, default=str).encode()).hexdigest(),
+            "reader": dataclasses.asdict(self.reader),
+        }
         return "files:" + hashlib.sha256(json.dumps(described).encode()).hexdigest()
 
     def pixels(self, index: Any = slice(None)) -> Tensor:

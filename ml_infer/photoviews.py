@@ -36,13 +36,13 @@ class TenCrop(Augmentation):
     """The four corner crops and five mirrored ones: torchvision's TenCrop (vertical_flip=False)
     without its centre crop, which is the identity view. TenCrop crops the mirrored photo, whose
     top-left crop is the top-right crop mirrored ("top_right+horizontal_flip" here), and whose
-    centre crop is one pixel off the mirrored centre crop where the margin is odd
-    ("horizontal_flip" here is TenCrop's, not `horizontal_flip` of the identity view)."""
+    centre crop is one pixel off the mirrored centre crop where the margin is odd (hence
+    "mirrored_centre", not "horizontal_flip", which mirrors the identity view)."""
 
     needs_corners = True
     view_names = (
         *CORNERS,
-        "horizontal_flip",
+        "mirrored_centre",
         *(f"{corner}+horizontal_flip" for corner in CORNERS),
     )
 

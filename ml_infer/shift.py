@@ -166,7 +166,12 @@ def _shifted_stream(
         return dataset, unchanged
     result = dataset.subset(range(len(dataset)))
     assert isinstance(result, FileImages)
-    result.shift = shift.describe()
+    # Held images are keyed by their corrupted pixels; streamed ones by what makes them.
+    made_by = type(shift.corruption)
+    result.shift = shift.describe() | {
+        "data": data,
+        "corruption": f"{made_by.__module__}.{made_by.__qualname__}:{vars(shift.corruption)}",
+    }
     result.corruption = functools.partial(corrupt, data=data, shift=shift)
     sample = range(min(CHANGE_SAMPLE, len(dataset)))
     change = (result.pixels(sample) - dataset.pixels(sample)).abs().double().mean()

@@ -224,7 +224,9 @@ def options_in_conf(group: str) -> list[str]:
 def _preset_views(preset: str) -> tuple[str, ...]:
     preset_cfg = OmegaConf.load(conf_dir() / "tta" / f"{preset}.yaml")
     return tuple(
-        build_views(preset_cfg.augmentations or [], preset_cfg.get("compose", "sum")).names
+        build_views(
+            preset_cfg.augmentations or [], OmegaConf.select(preset_cfg, "compose", default="sum")
+        ).names
     )
 
 

@@ -179,3 +179,51 @@ def test_peak_memory_does_not_grow_with_the_number_of_images(photo_folder, tmp_p
     print(f"peak RSS: {small} KiB for {12 * 5} images, {large} KiB for {12 * 50}")
     assert held_kib > 1.5 * 0.15 * small
     assert large <= 1.15 * small, (small, large)
+
+
+def test_auto_counts_the_six_crops_crop_views_read():
+    from ml_infer.decode import ImageReader
+    from ml_infer.imagesets import STREAM_ABOVE_BYTES, should_stream
+
+    plain = ImageReader((224, 224), 3, resize=256)
+    crops = ImageReader((224, 224), 3, resize=256, corners=True)
+    images = STREAM_ABOVE_BYTES // (3 * 224 * 224) // 2  # half the limit, held plainly
+    assert not should_stream("auto", images, plain) and should_stream("auto", images, crops)
+
+
+def test_a_streamed_folders_key_covers_what_a_shift_draws_from(photo_folder, tmp_path):
+    """A streamed folder is keyed by its files, not its pixels: the data name, the image ids and
+    the corruption's settings, which seed or shape its corrupted pixels, must be in the key."""
+    from omegaconf import OmegaConf
+
+    from ml_infer.shift import shift_of, shifted
+
+    root = tmp_path / "photos"
+    shutil.copytree(photo_folder, root / "test")
+    whole = ImageFolderDataset(root, image_size=64, stream=True)  # ids test/cat/0.jpg, ...
+    inner = ImageFolderDataset(root / "test", image_size=64, stream=True)  # ids cat/0.jpg, ...
+    assert whole.digests == inner.digests and whole.data_key != inner.data_key
+
+    def noise(target: str) -> dict:  # the same shift name, another corruption class
+        corruption = {"_target_": f"ml_infer.corruptions.{target}"}
+        return OmegaConf.create(
+            {"shift": {"name": "noise", "severity": 3, "seed": 0, "corruption": corruption}}
+        )
+
+    keys = {
+        (data, target): shifted(whole, shift_of(noise(target)), data)[0].shift
+        for data in ("photos", "other")
+        for target in ("GaussianNoise", "ShotNoise")
+    }
+    assert len({json.dumps(key, sort_keys=True) for key in keys.values()}) == 4
+
+
+def test_a_file_in_a_format_that_runs_an_interpreter_is_skipped_unread(photo_folder, tmp_path):
+    root = tmp_path / "photos"
+    shutil.copytree(photo_folder, root)
+    (root / "cat" / "page.jpg").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    for stream in (False, True):
+        data = ImageFolderDataset(root, image_size=32, stream=stream)
+        assert [(e.path, e.reason.split(" (")[0]) for e in data.skipped] == [
+            ("cat/page.jpg", "unreadable image")
+        ]
