@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,13 +70,8 @@ def decode_images(paths: Sequence[Path], reader: ImageReader, threads: int = 4) 
     folder: the last result is kept (up to 1 GiB of pixels) and served again while no file has
     changed (same paths, sizes and modification times, the same reader).
     """
-    try:
-        key: Any = (
-            tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths),
-            reader,
-        )
-    except OSError:
-        key = None  # a file that cannot be looked at: decode again
+    files = files_key(paths)
+    key = None if files is None else (files, reader)
     if key is not None and _last_decoded.get("key") == key:
         cached: DecodedImages = _last_decoded["value"]
         return cached
@@ -102,17 +97,36 @@ def _decode(paths: Sequence[Path], reader: ImageReader, threads: int) -> Decoded
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
             return f"unreadable image ({type(error).__name__}: {brief(error, 120)})"
 
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    try:
-        with _own_size_limit():
-            results = list(pool.map(decode, paths))
-    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    results = map_files(decode, paths, threads)
     images = [r if isinstance(r, np.ndarray) else None for r in results]
     errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
     return DecodedImages(images, errors)
+
+
+def files_key(paths: Sequence[Path]) -> tuple[Any, ...] | None:
+    """What says a folder's files are unchanged (paths, sizes, modification times); None when a
+    file cannot be looked at."""
+    try:
+        return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    except OSError:
+        return None
+
+
+def map_files(function: Callable[[Path], Any], paths: Sequence[Path], threads: int) -> list[Any]:
+    """`function` of every file, in `threads` threads, PIL's own size limit off; SIGINT or
+    SIGTERM stops it at once, not after every queued file. One thread: in this one, in order."""
+    if threads <= 1 or len(paths) < 2:
+        with _own_size_limit():
+            return [function(path) for path in paths]
+    pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        with _own_size_limit():
+            results = list(pool.map(function, paths))
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
 
 
 class ImageTooLarge(ValueError):

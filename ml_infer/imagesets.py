@@ -20,7 +20,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ml_infer.decode import ImageReader, _own_size_limit, check_image
+from ml_infer.decode import ImageReader, check_image, files_key, map_files
 from ml_infer.errors import UserError, brief
 
 log = logging.getLogger(__name__)
@@ -79,20 +78,10 @@ def check_files(paths: Sequence[Path], threads: int) -> FolderCheck:
     """Every file read, hashed and test-decoded (`check_image`), in threads. The folders checked
     last (a sweep's scored and calibration folders) are kept for the next jobs of the sweep while
     no file has changed (paths, sizes, modification times)."""
-    try:
-        key: Any = tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
-    except OSError:
-        key = None
+    key = files_key(paths)
     if key is not None and key in _checked:
         return _checked[key]
-    pool = ThreadPoolExecutor(max_workers=max(1, threads))
-    try:
-        with _own_size_limit():
-            results = list(pool.map(check_image, paths))
-    except BaseException:  # SIGINT / SIGTERM: stop now, not after every queued file
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+    results = map_files(check_image, paths, threads)
     checked = FolderCheck(
         digests=[digest for digest, _ in results],
         errors={i: error for i, (_, error) in enumerate(results) if error is not None},
@@ -221,14 +210,9 @@ class FileImages(TensorImages):
         positions = range(len(self))[index] if isinstance(index, slice) else index
         positions = [int(p) for p in positions]
         in_worker = torch.utils.data.get_worker_info() is not None
-        threads = 1 if in_worker or len(positions) < 2 else self.decode_threads
+        threads = 1 if in_worker else self.decode_threads
         paths = [self.paths[p] for p in positions]
-        with _own_size_limit():
-            if threads > 1:
-                with ThreadPoolExecutor(max_workers=threads) as pool:
-                    decoded = list(pool.map(self._read, paths))
-            else:
-                decoded = [self._read(path) for path in paths]
+        decoded = map_files(self._read, paths, threads)
         images = torch.from_numpy(np.stack(decoded)).float().div_(255.0)
         if self.corruption is not None:
             images = self.corruption(images, [self.sample_ids[p] for p in positions])
