@@ -24,7 +24,7 @@ from ml_infer.inputs import grayscale
 class Augmentation:
     """Maps a batch [B, C, H, W] to `len(self.view_names)` views, stacked as [V, B, C, H, W].
 
-    One that `needs_corners` is given the five crops of each photo instead ([B, 5, C, H, W],
+    One that `needs_corners` is given the six crops of each photo instead ([B, 6, C, H, W],
     see ml_infer.photoviews), which the data set then reads."""
 
     view_names: tuple[str, ...] = ()

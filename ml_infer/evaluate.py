@@ -282,7 +282,7 @@ def load_inputs(
     with_calibration: bool,
     corners: bool = False,
 ) -> Inputs:
-    """Opens the checkpoints, loads the data at their input size (each image as its five crops
+    """Opens the checkpoints, loads the data at their input size (each image as its six crops
     with `corners`, for crop views), takes the calibration split, builds the models, and checks
     that every split's classes are the models'."""
     shift = shift_of(cfg)

@@ -70,7 +70,7 @@ def open_images(
 ) -> dict[str, Any]:
     """`FileImages` arguments for the files that can be used, decoded and held, or checked and
     left to stream (`stream`: true, false, or auto: stream above STREAM_ABOVE_BYTES of pixels);
-    the files that cannot be used join the skipped list. `corners`: each image as its five crops
+    the files that cannot be used join the skipped list. `corners`: each image as its six crops
     (`ImageReader`), for crop views."""
     reader = ImageReader(target_size(paths, image_size), channels, resize, interpolation, corners)
     streamed = should_stream(stream, len(paths), reader)

@@ -213,7 +213,7 @@ def write_run(evaluation: Evaluation, run_dir: Path) -> None:
 
 class _ImagesAt:
     """`dataset.pixels(i)` as `images[i]`: the montage decodes only the images it shows (of a
-    photo read as its five crops, the centre one)."""
+    photo read as its crops, the centre one)."""
 
     def __init__(self, dataset: TensorImages):
         self.dataset = dataset

@@ -80,7 +80,7 @@ def tune(cfg: DictConfig, run_dir: Path) -> Tuned:
             f"mode=tune chooses on the clean calibration split; shift={cfg.shift.name} applies "
             "to scored images: tune without it, then score the presets under shift"
         )
-    # Every augmentation but the crop views: those need photos read as five crops each.
+    # Every augmentation but the crop views: those need photos read as their crops.
     candidates = [
         instantiate_named("augmentation", name, "augmentation") for name in options("augmentation")
     ]
