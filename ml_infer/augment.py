@@ -229,7 +229,7 @@ class Views:
         return len(self.names)
 
     def __call__(self, images: Tensor) -> Tensor:
-        """[B, C, H, W] images (or [B, 5, C, H, W] crops, the centre first) -> [V, B, C, H, W]."""
+        """[B, C, H, W] images (or [B, 6, C, H, W] crops, the centre first) -> [V, B, C, H, W]."""
         centre = images[:, 0] if images.dim() == 5 else images
         if len(self.augmentations) == 1:
             return centre.unsqueeze(0)
