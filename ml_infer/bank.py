@@ -133,6 +133,7 @@ def check_weights_fit(
         )
     ]
     problems = []
+    error_type = UserError
     if missing:
         problems.append(f"missing weights {_first_few(missing)}")
     if unexpected:
@@ -146,12 +147,18 @@ def check_weights_fit(
             have, want = list(value.shape), list(expected[key].shape)
             hint = _shape_hint(key, have, want, list(expected))
             problems.append(f"{key} has shape {have}, the model {want}{hint}")
+            if "outputs, the model" in hint:
+                error_type = _OutputsDiffer
         if len(misshapen) > 1:
             problems[-1] += f" (and {len(misshapen) - 1} more of another shape)"
     if problems:
-        raise UserError(
+        raise error_type(
             f"checkpoint {path} does not fit architecture {target}: {'; '.join(problems)}"
         )
+
+
+class _OutputsDiffer(UserError):
+    """The checkpoint's weights give another number of outputs than the classes named."""
 
 
 def _shape_hint(key: str, have: list[int], want: list[int], keys: list[str]) -> str:
@@ -181,14 +188,29 @@ def load_ensemble(
     classes: Sequence[str] | None = None,
     input_spec: InputSpec | None = None,
     allow_mixed_architectures: bool = False,
+    classes_from_folder: bool = False,
 ) -> list[Classifier]:
-    """Loads every member; they must agree on classes, input and (by default) architecture."""
-    members = [
-        load_classifier(
-            c, use_ema=use_ema, model_config=model_config, classes=classes, input_spec=input_spec
-        )
-        for c in checkpoints
-    ]
+    """Loads every member; they must agree on classes, input and (by default) architecture.
+    `classes_from_folder`: `classes` are a folder's sorted class names, given to checkpoints
+    that do not name theirs."""
+    try:
+        members = [
+            load_classifier(
+                c,
+                use_ema=use_ema,
+                model_config=model_config,
+                classes=classes,
+                input_spec=input_spec,
+            )
+            for c in checkpoints
+        ]
+    except _OutputsDiffer as error:
+        if not classes_from_folder:
+            raise
+        raise UserError(
+            f"{error}; a checkpoint without class names takes the folder's sorted class names: "
+            "set checkpoint.classes=[...] to score a folder with some of them"
+        ) from None
     first = members[0]
     for other in members[1:]:
         if other.classes != first.classes:
@@ -303,17 +325,3 @@ def configured_input_spec(cfg: Any, path: Path) -> InputSpec:
             "interpolation": given.get("interpolation"),
         }
     )
-
-
-def check_same_classes(data_classes: Sequence[str], model_classes: Sequence[str]) -> None:
-    if list(data_classes) == list(model_classes):
-        return
-    only_data = sorted(set(data_classes) - set(model_classes))
-    only_model = sorted(set(model_classes) - set(data_classes))
-    detail = f"only in data: {only_data}; only in checkpoint: {only_model}"
-    if not only_data and not only_model:
-        detail = (
-            f"same names in another order: data {list(data_classes)}, "
-            f"checkpoint {list(model_classes)}"
-        )
-    raise UserError(f"the data's classes differ from the checkpoint's ({detail})")

@@ -125,7 +125,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     result = DatasetPredictions.timed(merged, dataset.labels, timing)
     metrics = run_metrics(cfg, every, inputs.members, runner, dataset, timing) | inputs.shift
     baseline_preds = baseline_logits.argmax(dim=-1)
-    metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels)
+    metrics |= scores(cfg.seed, result, baseline_preds == dataset.labels, inputs.members[0].classes)
     metrics |= found | {
         "forward_passes_per_image": float(passes.mean()),
         "forward_passes_computed": computed[-1],

@@ -23,7 +23,6 @@ from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
 from ml_infer.bank import (
     Classifier,
-    check_same_classes,
     configured_input_spec,
     expand_checkpoint_paths,
     load_ensemble,
@@ -36,6 +35,7 @@ from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
 from ml_infer.imagesets import TensorImages
 from ml_infer.inputs import InputSpec
+from ml_infer.labels import labelled_by_name
 from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
@@ -226,7 +226,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
     else:
         assert assembled.baseline_logits is not None
         baseline_preds = assembled.baseline_logits.argmax(dim=-1)
-        metrics |= scores(cfg.seed, result, baseline_preds == result.labels)
+        metrics |= scores(cfg.seed, result, baseline_preds == result.labels, classes)
         metrics |= member_and_view_scores(predictor, assembled.logits, result.labels, members)
         title = (
             f"{strategy.name}: accuracy {metrics['accuracy']:.4f} "
@@ -283,8 +283,8 @@ def load_inputs(
     corners: bool = False,
 ) -> Inputs:
     """Opens the checkpoints, loads the data at their input size (each image as its six crops
-    with `corners`, for crop views), takes the calibration split, builds the models, and checks
-    that every split's classes are the models'."""
+    with `corners`, for crop views), builds the models, numbers every split's labels as the
+    models' classes by name (ml_infer.labels), and takes the calibration split."""
     shift = shift_of(cfg)
     if corners and not shift.is_clean:
         raise UserError(
@@ -298,25 +298,26 @@ def load_inputs(
     dataset = _load_data(cfg, fit)
     if corners and dataset[0][0].dim() != 4:  # a data set of the user's own
         raise UserError(f"data {cfg.data.name} does not read photos as crops for crop views")
-    split = None
-    if with_calibration:
-        split = calibration_split(cfg, dataset, fit)
-        dataset = split.scored
-    # After the split: what a strategy fits, it fits on clean images.
-    dataset, shift_report = shifted(dataset, shift, cfg.data.name)
+    named = checkpoints[0].classes or cfg.checkpoint.classes
     members = load_ensemble(
         checkpoints,
         use_ema=cfg.use_ema,
         model_config=None if cfg.get("model") is None else plain_dict(cfg.model),
-        classes=checkpoints[0].classes or cfg.checkpoint.classes or dataset.classes,
+        classes=named or dataset.classes,
         input_spec=input_spec,
         allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
+        classes_from_folder=not named,
     )
-    classes = members[0].classes
+    classes, unknown_classes = members[0].classes, cfg.data.get("unknown_classes", "error")
     if cfg.mode != "predict":
-        check_same_classes(dataset.classes, classes)
-    if split is not None:
-        check_same_classes(split.calibration.classes, classes)
+        dataset = labelled_by_name(dataset, classes, unknown_classes)
+    split = None
+    if with_calibration:
+        split = calibration_split(cfg, dataset, fit)
+        split.calibration = labelled_by_name(split.calibration, classes, unknown_classes)
+        dataset = split.scored
+    # After the split: what a strategy fits, it fits on clean images.
+    dataset, shift_report = shifted(dataset, shift, cfg.data.name)
     return Inputs(list(members), input_spec, dataset, split, shift_report)
 
 

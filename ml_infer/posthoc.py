@@ -17,6 +17,7 @@ and halving a small split leaves too few errors to fit it on.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,8 @@ from ml_infer.calibrate import STAGES, Calibrator, calibrator, log_probs_as_logi
 from ml_infer.calsplit import stratified_holdout
 from ml_infer.errors import UserError, one_of
 from ml_infer.metrics import calibration_metrics, reliability_bins
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -88,6 +91,14 @@ def fit_and_apply(
         conformal_labels = calibration_labels[conformal_part]
         calibration_logits = calibration_logits[:, :, fit_part]
         calibration_labels = calibration_labels[fit_part]
+    absent = sorted(set(range(logits.shape[-1])) - set(calibration_labels.tolist()))
+    if method == "vector" and absent:
+        log.warning(
+            "vector scaling saw no calibration image of %d class(es) (outputs %s): it learns to "
+            "lower their probabilities; give images of every class, or use calibration=temperature",
+            len(absent),
+            absent,
+        )
     found: dict[str, Any] = {
         "calibration_method": method,
         "calibration_n": len(calibration_labels),

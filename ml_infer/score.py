@@ -15,6 +15,7 @@ from torch import Tensor
 from ml_infer.assemble import per_member_accuracy, per_view_accuracy
 from ml_infer.bank import Classifier
 from ml_infer.imagesets import TensorImages
+from ml_infer.labels import class_presence
 from ml_infer.metrics import (
     classification_metrics,
     mcnemar_p_value,
@@ -76,14 +77,18 @@ def run_metrics(
     }
 
 
-def scores(seed: int, result: DatasetPredictions, baseline_correct: Tensor) -> dict[str, Any]:
+def scores(
+    seed: int, result: DatasetPredictions, baseline_correct: Tensor, classes: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, calibration, selective prediction, and the paired comparison with `standard`
     on the same images: the accuracy difference with its interval, McNemar's test, and the
-    images this strategy fixed (standard wrong, this right) and broke (the reverse)."""
+    images this strategy fixed (standard wrong, this right) and broke (the reverse). Which of
+    the checkpoint's `classes` the labels hold (macro-F1 is over those)."""
     correct = result.preds == result.labels
     delta, delta_low, delta_high = paired_bootstrap_delta(correct, baseline_correct, seed=seed)
     return {
         **classification_metrics(result.probs, result.preds, result.labels),
+        **class_presence(result.labels, classes),
         "accuracy_delta_vs_standard": delta,
         "accuracy_delta_ci95_low": delta_low,
         "accuracy_delta_ci95_high": delta_high,

@@ -187,6 +187,35 @@ def digit_image(pixels: Any, mode: str) -> Any:
     return gray.convert(mode)
 
 
+def write_digits_folder(
+    root: Path,
+    names: Sequence[str | None] | None = None,
+    per_class: int | None = None,
+    split: str = "test",
+) -> Path:
+    """A digits split as 8x8 gray PNGs under root/<name>/ (class k in folder names[k]; a class
+    named None, or past the end of `names`, is left out), at most `per_class` images each."""
+    import numpy as np
+    from PIL import Image
+
+    from ml_infer.data import DigitsDataset
+
+    digits = DigitsDataset(split=split)
+    names = [str(d) for d in range(10)] if names is None else list(names)
+    counts = dict.fromkeys(range(10), 0)
+    for position in range(len(digits)):
+        label = int(digits.labels[position])
+        name = names[label] if label < len(names) else None
+        if name is None or (per_class is not None and counts[label] >= per_class):
+            continue
+        counts[label] += 1
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[position, 0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels, "L").save(folder / f"scan {position}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def messy_folder(tmp_path_factory) -> tuple[Path, dict[str, str], int]:
     """ROOT/test/<digit>/ with test-split digits in mixed modes, plus files that must be skipped.

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"crops"},
     {"decode"},
     {"imagesets"},
-    {"formats"},
+    {"formats", "labels"},
     {"augment", "aggregate", "models", "checkpoints", "folders", "store", "calibrate", "conformal"},
     {"corruptions", "photoviews"},
     {"warps"},

@@ -23,14 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ml_infer.checkpoints import read_checkpoint
 
-from .conftest import REPO, run_cli
+from .conftest import REPO, run_cli, write_digits_folder
 
 README = REPO / "README.md"
 TABLE_HEADING = "### Bad input, row by row"
@@ -120,21 +119,7 @@ class Scenarios:
         self, root: Path, classes: list[str] | None = None, per_class: int = 3
     ) -> Path:
         """Real digit scans as 8x8 PNGs under root/<class>/; class k is named classes[k]."""
-        from ml_infer.data import DigitsDataset
-
-        test = DigitsDataset(split="test")
-        names = classes or [str(d) for d in range(10)]
-        counts = dict.fromkeys(range(10), 0)
-        for position in range(len(test)):
-            label = int(test.labels[position])
-            if counts[label] >= per_class or label >= len(names):
-                continue
-            counts[label] += 1
-            folder = root / names[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            pixels = (test.images[position, 0].numpy() * 255).round().astype(np.uint8)
-            Image.fromarray(pixels, "L").save(folder / f"scan {position}.png")
-        return root
+        return write_digits_folder(root, classes, per_class)
 
     def imagefolder(self, root: Path, *overrides: str) -> Case:
         return self.evaluate(
@@ -363,15 +348,31 @@ class Scenarios:
         (self.tmp / "empty").mkdir()
         return self.imagefolder(self.tmp / "empty")
 
-    def folder_with_one_class(self) -> Case:
-        return self.imagefolder(self.digit_folder(self.tmp / "one", ["3"]))
-
     def labels_the_checkpoint_does_not_know(self) -> Case:
         root = self.digit_folder(self.tmp / "digits")
         (root / "cat").mkdir()
         first = sorted((root / "0").iterdir())[0]
         first.rename(root / "cat" / first.name)
         return self.imagefolder(root)
+
+    def unknown_unknown_classes_choice(self) -> Case:
+        root = self.digit_folder(self.tmp / "digits")
+        return self.imagefolder(root, "data.unknown_classes=ignore")
+
+    def only_classes_the_checkpoint_does_not_know_skipped(self) -> Case:
+        root = self.digit_folder(self.tmp / "pets", ["cat", "dog"])
+        return self.imagefolder(root, "data.unknown_classes=skip")
+
+    def nameless_checkpoint_on_a_folder_with_some_of_its_classes(self) -> Case:
+        path = self.state_dict_file("plain.pt", lambda s: None)
+        root = self.digit_folder(self.tmp / "nine", [str(d) for d in range(9)])
+        return self.evaluate(
+            "data=imagefolder",
+            f"data.root='{root}'",
+            f"ensemble.checkpoints=[{path}]",
+            "model=small_cnn",
+            *self.input_spec(1),
+        )
 
     def only_non_image_files(self) -> Case:
         for name in ("0", "1"):
