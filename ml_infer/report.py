@@ -19,7 +19,10 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from omegaconf import DictConfig
 
 from ml_infer.config import process_rank
 from ml_infer.errors import UserError
-from ml_infer.outputs import atomic_write, failed_jobs, sweep_id_of
+from ml_infer.outputs import failed_jobs, sweep_id_of
 from ml_infer.plots import plot_pareto, plot_risk_coverage
 from ml_infer.reliability import plot_reliability_overlay
 from ml_infer.shiftplots import plot_shift_heatmap, plot_shift_severity
@@ -133,27 +136,53 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return add_derived_columns(read_runs(sweep_dir))
 
 
+# Every file a report may write; those the last report wrote and this one does not are removed.
+REPORT_FILES = (
+    "comparison.md",
+    "comparison.csv",
+    "pareto.png",
+    "risk_coverage.png",
+    "reliability.png",
+    "shift.csv",
+    "shift_heatmap.png",
+    "shift_severity.png",
+)
+
+
 def write_comparison(
     out_dir: str | Path, rows: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """Writes comparison.md, comparison.csv and pareto.png into `out_dir`; returns the rows.
-
-    `rows` default to the runs found under `out_dir` (a sweep directory).
-    """
+    """Writes comparison.md, comparison.csv and pareto.png (and the plots the runs have data
+    for) into `out_dir`, all together or none: each is made in a staging folder first, and
+    moved in once all are made. Returns the rows; `rows` default to the runs found under
+    `out_dir` (a sweep directory)."""
     out_dir = Path(out_dir)
     rows = collect_runs(out_dir) if rows is None else rows
     if not rows:
         return rows
     out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    try:
+        _write_report(stage, rows)
+        made = sorted(path.name for path in stage.iterdir())
+        for name in made:
+            os.replace(stage / name, out_dir / name)
+        for name in set(REPORT_FILES) - set(made):
+            (out_dir / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return rows
+
+
+def _write_report(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     compared = clean_rows(rows) if is_shift_sweep(rows) else rows  # one row per strategy
-    with atomic_write(out_dir / "comparison.md") as handle:
-        handle.write(comparison_text(rows))
+    (out_dir / "comparison.md").write_text(comparison_text(rows))
     columns: list[str] = []
     for row in rows:
         columns += [
             k for k, v in row.items() if not isinstance(v, (list, dict)) and k not in columns
         ]
-    with atomic_write(out_dir / "comparison.csv", newline="") as handle:
+    with (out_dir / "comparison.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -167,7 +196,6 @@ def write_comparison(
         plot_reliability_overlay(diagrams, out_dir / "reliability.png")
     if is_shift_sweep(rows):
         write_shift_files(out_dir, summarise(rows))
-    return rows
 
 
 def comparison_text(rows: list[dict[str, Any]]) -> str:
@@ -183,7 +211,7 @@ def comparison_text(rows: list[dict[str, Any]]) -> str:
 def write_shift_files(out_dir: Path, summary: dict[str, Any]) -> None:
     """shift.csv (per strategy, corruption and severity), shift_heatmap.png, shift_severity.png."""
     columns = list(summary["cells"][0]) if summary["cells"] else ["strategy"]
-    with atomic_write(out_dir / "shift.csv", newline="") as handle:
+    with (out_dir / "shift.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(summary["cells"])
@@ -301,9 +329,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not rows:
         print(f"error: no evaluated run found in {args.source}", file=sys.stderr)
         return 2
-    write_comparison(out_dir, rows)
+    try:
+        write_comparison(out_dir, rows)
+    except OSError as error:
+        print(
+            f"error: cannot write the report in {out_dir}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 2
     print(comparison_text(rows))
-    print(f"\nwrote {out_dir / 'comparison.md'}, comparison.csv and pareto.png")
+    written = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    print(f"\nwrote {out_dir / written[0]}, {', '.join(written[1:])}")
     return 0
 
 

@@ -44,40 +44,47 @@ def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         if problem:
             skip(run_dir, f"metrics.json {problem}")
             continue
-        metrics["run"] = _run_label(run_dir)
+        label = _run_label(run_dir)
+        if label is None:
+            skip(run_dir, ".hydra/overrides.yaml is not a YAML list of overrides")
+            continue
+        metrics["run"] = label
         metrics["run_dir"] = str(run_dir)
         rows.append(metrics)
     return rows
 
 
-# Fields of metrics.json that the table, the CSV and the plot compute with.
-_NUMERIC_FIELDS = (
-    "accuracy",
-    "accuracy_ci95_low",
-    "accuracy_ci95_high",
-    "accuracy_delta_vs_standard",
-    "accuracy_delta_ci95_low",
-    "accuracy_delta_ci95_high",
-    "mcnemar_p_vs_standard",
-    "macro_f1",
-    "nll",
-    "ece",
-    "images_per_s",
-    "forward_passes_per_image",
-    "views",
-    "models",
-    "relative_cost",
-    "relative_cost_iqr",
-    "flips_fixed",
-    "flips_broken",
-    "forward_passes_computed",
-    "aurc",
-    "nll_calibrated",
-    "ece_calibrated",
-    "ece_adaptive",
-    "mean_set_size",
-    "coverage",
-)
+# Fields of metrics.json that the table, the CSV and the plot compute with, and the range a
+# run's value lies in (None: unbounded). Only the relative cost (a run that could not time
+# `standard` beside itself has none) and the AURC (a one-image test set has no curve) may be NaN.
+_NUMERIC_FIELDS: dict[str, tuple[float | None, float | None]] = {
+    "accuracy": (0, 1),
+    "accuracy_ci95_low": (0, 1),
+    "accuracy_ci95_high": (0, 1),
+    "accuracy_delta_vs_standard": (-1, 1),
+    "accuracy_delta_ci95_low": (-1, 1),
+    "accuracy_delta_ci95_high": (-1, 1),
+    "mcnemar_p_vs_standard": (0, 1),
+    "macro_f1": (0, 1),
+    "nll": (0, None),
+    "ece": (0, 1),
+    "images_per_s": (0, None),
+    "forward_passes_per_image": (0, None),
+    "views": (1, None),
+    "models": (1, None),
+    "relative_cost": (0, None),
+    "relative_cost_iqr": (0, None),
+    "flips_fixed": (0, None),
+    "flips_broken": (0, None),
+    "forward_passes_computed": (0, None),
+    "aurc": (0, 1),
+    "nll_calibrated": (0, None),
+    "ece_calibrated": (0, 1),
+    "ece_adaptive": (0, 1),
+    "mean_set_size": (0, None),
+    "coverage": (0, 1),
+}
+_MAY_BE_NAN = ("relative_cost", "relative_cost_iqr", "aurc")
 
 
 def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
@@ -87,11 +94,21 @@ def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
     True
     >>> metrics_shape_problem({"accuracy": "0.9"})
     "has accuracy='0.9', not a number"
+    >>> metrics_shape_problem({"accuracy": 0.9, "accuracy_ci95_low": float("nan")})
+    'has accuracy_ci95_low=nan, not a number in [0, 1]'
     """
-    for name in _NUMERIC_FIELDS:
-        value = metrics.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    for name, (low, high) in _NUMERIC_FIELDS.items():
+        if name not in metrics:
+            continue
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"has {name}={value!r:.40}, not a number"
+        if math.isnan(value) and name in _MAY_BE_NAN:
+            continue
+        if not (low is None or value >= low) or not (high is None or value <= high):
+            return f"has {name}={value!r:.40}, not a number in [{low}, {high or 'inf'}]"
+        if math.isnan(value) or math.isinf(value):
+            return f"has {name}={value!r:.40}, not a finite number"
     checkpoints = metrics.get("checkpoint_sha256")
     if checkpoints is not None and not (
         isinstance(checkpoints, list) and all(isinstance(c, str) for c in checkpoints)
@@ -108,12 +125,14 @@ def metrics_shape_problem(metrics: dict[str, Any]) -> str | None:
         return f"has shift_applied={metrics['shift_applied']!r:.40}, not true or false"
     if metrics.get("shift_applied") and severity is None:
         return "has a shift applied without its severity"
-    for low, high in (
+    for lower, upper in (
         ("accuracy_ci95_low", "accuracy_ci95_high"),
         ("accuracy_delta_ci95_low", "accuracy_delta_ci95_high"),
     ):
-        if (low in metrics) != (high in metrics):
-            return f"has one of {low} / {high} without the other"
+        if (lower in metrics) != (upper in metrics):
+            return f"has one of {lower} / {upper} without the other"
+        if lower in metrics and metrics[lower] > metrics[upper]:
+            return f"has {lower} above {upper}"
     if "accuracy_delta_vs_standard" in metrics and "accuracy_delta_ci95_low" not in metrics:
         return "has accuracy_delta_vs_standard without its interval"
     return None
@@ -128,11 +147,15 @@ def _os_reason(error: OSError) -> str:
     return f"cannot read {name} ({error.strerror or error})"
 
 
-def _run_label(run_dir: Path) -> str:
-    """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), or
-    the directory's name when it has none or they cannot be read."""
+def _run_label(run_dir: Path) -> str | None:
+    """The run's overrides as a label (read as data: `x=${oc.env:HOME}` stays that text), the
+    directory's name when it has none, or None when its overrides.yaml cannot be read as such."""
+    if not (run_dir / ".hydra" / "overrides.yaml").exists():
+        return run_dir.name
     overrides = read_overrides(run_dir)
-    return (run_label(overrides) if overrides else "") or run_dir.name
+    if overrides is None:
+        return None
+    return run_label(overrides) or run_dir.name
 
 
 def risk_curves(rows: list[dict[str, Any]]) -> dict[str, tuple[list[float], float]]:

@@ -263,16 +263,21 @@ def hand_made_sweep(tmp_path) -> Path:
     make_run(sweep, "6_text", hand_made_metrics("tta", 0.9, 50.0) | {"accuracy": "high"}, None)
     (sweep / "7_binary").mkdir()
     (sweep / "7_binary" / "metrics.json").write_bytes(b"\xff\xfe\x00garbage")
+    make_run(sweep, "8_unlabelled", hand_made_metrics("tta", 0.95, 70.0), None)
     return sweep
 
 
 def test_the_report_reads_labels_as_data_and_skips_unreadable_runs(hand_made_sweep, capsys):
     rows = collect_runs(hand_made_sweep)
     labels = [row["run"] for row in rows]
-    assert labels == ["strategy=standard", "x=${oc.env:HOME} strategy=tta", "2_tta", "3_tta"]
+    assert labels == ["strategy=standard", "x=${oc.env:HOME} strategy=tta", "8_unlabelled"]
     assert os.environ["HOME"] not in " ".join(labels)
     skipped = capsys.readouterr().err.strip().splitlines()
     assert skipped == [
+        f"warning: skipping run {hand_made_sweep / '2_tta'}: .hydra/overrides.yaml is not a YAML "
+        "list of overrides",
+        f"warning: skipping run {hand_made_sweep / '3_tta'}: .hydra/overrides.yaml is not a YAML "
+        "list of overrides",
         f"warning: skipping run {hand_made_sweep / '4_broken'}: metrics.json is not valid JSON "
         "(Expecting property name enclosed in double quotes, line 1)",
         f"warning: skipping run {hand_made_sweep / '5_list'}: metrics.json holds a list, not a "
@@ -289,12 +294,13 @@ def test_python_m_ml_infer_report_on_a_sweep_with_unreadable_runs(hand_made_swee
     result = run_cli(["ml_infer.report", str(hand_made_sweep)])
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 4
+    assert len(result.stderr.strip().splitlines()) == 6
     assert all(line.startswith("warning: skipping run ") for line in result.stderr.splitlines())
     table = (hand_made_sweep / "comparison.md").read_text()
     assert "| x=${oc.env:HOME} strategy=tta | tta |" in table
     assert os.environ["HOME"] not in table
-    assert table.count("\n") == 2 + 4
+    assert table.count("\n") == 2 + 3
+    assert f"wrote {hand_made_sweep / 'comparison.md'}, comparison.csv, pareto.png" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -309,6 +315,17 @@ def test_python_m_ml_infer_report_on_a_sweep_with_unreadable_runs(hand_made_swee
         (
             {"accuracy_delta_vs_standard": 0.01},
             "has accuracy_delta_vs_standard without its interval",
+        ),
+        ({"accuracy_ci95_low": float("nan")}, "has accuracy_ci95_low=nan, not a number in [0, 1]"),
+        ({"accuracy": None}, "has accuracy=None, not a number"),
+        ({"images_per_s": "fast"}, "has images_per_s='fast', not a number"),
+        ({"images_per_s": float("inf")}, "has images_per_s=inf, not a finite number"),
+        ({"nll": -0.5}, "has nll=-0.5, not a number in [0, inf]"),
+        ({"accuracy": 1.5}, "has accuracy=1.5, not a number in [0, 1]"),
+        ({"views": True}, "has views=True, not a number"),
+        (
+            {"accuracy_ci95_low": 0.99, "accuracy_ci95_high": 0.9},
+            "has accuracy_ci95_low above accuracy_ci95_high",
         ),
     ],
 )
