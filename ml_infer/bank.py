@@ -67,7 +67,7 @@ def load_classifier(
             "set checkpoint.classes=[...] or evaluate on data with class folders"
         )
     if checkpoint.num_classes is not None and checkpoint.num_classes != len(classes):
-        raise UserError(
+        raise _OutputsDiffer(
             f"checkpoint {path} was trained on {checkpoint.num_classes} classes, "
             f"the data has {len(classes)}: {classes}"
         )
@@ -87,8 +87,9 @@ def load_classifier(
         architecture = checked_architecture(checkpoint.model_config, f"checkpoint {path}")
         declared = architecture.arguments.get("num_classes")
         if declared is not None and declared != len(classes):
-            raise UserError(
-                f"checkpoint {path}: its model has {declared} outputs but it lists "
+            listed = "it lists" if checkpoint.classes else "it was given"
+            raise _OutputsDiffer(
+                f"checkpoint {path}: its model has {declared} outputs but {listed} "
                 f"{len(classes)} classes"
             )
         # Built on the meta device first (allocating nothing), so that weights of another shape

@@ -21,12 +21,7 @@ from torch import Tensor
 from ml_infer.aggregate import Aggregator, SoftVoting
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
-from ml_infer.bank import (
-    Classifier,
-    configured_input_spec,
-    expand_checkpoint_paths,
-    load_ensemble,
-)
+from ml_infer.bank import Classifier, configured_input_spec, expand_checkpoint_paths, load_ensemble
 from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
@@ -35,7 +30,7 @@ from ml_infer.device import resolve_autocast_dtype
 from ml_infer.errors import UserError, one_of
 from ml_infer.imagesets import TensorImages
 from ml_infer.inputs import InputSpec
-from ml_infer.labels import labelled_by_name
+from ml_infer.labels import check_unknown_classes, labelled_by_name
 from ml_infer.learned import LearnedWeights
 from ml_infer.outputs import sweep_dir
 from ml_infer.passes import DatasetPredictions
@@ -285,6 +280,8 @@ def load_inputs(
     """Opens the checkpoints, loads the data at their input size (each image as its six crops
     with `corners`, for crop views), builds the models, numbers every split's labels as the
     models' classes by name (ml_infer.labels), and takes the calibration split."""
+    unknown_classes = cfg.data.get("unknown_classes", "error")
+    check_unknown_classes(unknown_classes)
     shift = shift_of(cfg)
     if corners and not shift.is_clean:
         raise UserError(
@@ -298,7 +295,8 @@ def load_inputs(
     dataset = _load_data(cfg, fit)
     if corners and dataset[0][0].dim() != 4:  # a data set of the user's own
         raise UserError(f"data {cfg.data.name} does not read photos as crops for crop views")
-    named = checkpoints[0].classes or cfg.checkpoint.classes
+    configured = [str(name) for name in cfg.checkpoint.classes or ()]  # [0,1]: ints, not names
+    named = next((c.classes for c in checkpoints if c.classes), None) or configured
     members = load_ensemble(
         checkpoints,
         use_ema=cfg.use_ema,
@@ -308,13 +306,16 @@ def load_inputs(
         allow_mixed_architectures=cfg.ensemble.allow_mixed_architectures,
         classes_from_folder=not named,
     )
-    classes, unknown_classes = members[0].classes, cfg.data.get("unknown_classes", "error")
+    classes = members[0].classes
     if cfg.mode != "predict":
         dataset = labelled_by_name(dataset, classes, unknown_classes)
     split = None
     if with_calibration:
         split = calibration_split(cfg, dataset, fit)
-        split.calibration = labelled_by_name(split.calibration, classes, unknown_classes)
+        try:
+            split.calibration = labelled_by_name(split.calibration, classes, unknown_classes)
+        except UserError as error:
+            raise UserError(f"the calibration images: {error}") from None
         dataset = split.scored
     # After the split: what a strategy fits, it fits on clean images.
     dataset, shift_report = shifted(dataset, shift, cfg.data.name)

@@ -25,12 +25,12 @@ def labelled_by_name(
     """`dataset` with its labels numbered as `model_classes` and those as its classes; the same
     object when the names already match in order. Images of classes the checkpoint does not
     know are refused, or left out with `unknown_classes="skip"`."""
-    if unknown_classes not in UNKNOWN_CLASSES_CHOICES:
-        raise one_of("data.unknown_classes", unknown_classes, UNKNOWN_CLASSES_CHOICES)
+    check_unknown_classes(unknown_classes)
     data_classes, model_classes = list(dataset.classes), list(model_classes)
     if data_classes == model_classes:
         return dataset
-    unknown = [name for name in data_classes if name not in model_classes]
+    position = {name: k for k, name in enumerate(model_classes)}
+    unknown = [name for name in data_classes if name not in position]
     if unknown and unknown_classes == "error":
         raise UserError(
             f"the data has classes the checkpoint does not know: {_listed(unknown)} (the "
@@ -40,12 +40,18 @@ def labelled_by_name(
     # A copy that shares the images: its labels and classes are replaced below.
     dataset = _without_classes(dataset, unknown) if unknown else copy.copy(dataset)
     renumbered = torch.tensor(
-        [model_classes.index(name) if name in model_classes else -1 for name in data_classes],
+        [position.get(name, -1) for name in data_classes],
         dtype=torch.long,
     )
     dataset.labels = renumbered[dataset.labels] if len(dataset.labels) else dataset.labels
     dataset.classes = model_classes
     return dataset
+
+
+def check_unknown_classes(choice: str) -> None:
+    """A UserError naming the valid choices of `data.unknown_classes`, if `choice` is not one."""
+    if choice not in UNKNOWN_CLASSES_CHOICES:
+        raise one_of("data.unknown_classes", choice, UNKNOWN_CLASSES_CHOICES)
 
 
 def _without_classes(dataset: TensorImages, unknown: Sequence[str]) -> TensorImages:

@@ -276,7 +276,8 @@ def aurc(risks: Tensor) -> float:
     n = len(risks)
     if n < 2:
         return math.nan
-    return float(torch.trapezoid(risks, dx=1.0 / n) / (1 - 1 / n))
+    # min: all-wrong predictions give 1 plus a rounding step for some n
+    return min(1.0, float(torch.trapezoid(risks, dx=1.0 / n) / (1 - 1 / n)))
 
 
 def coverage_at_risk(risks: Tensor, threshold: float) -> float:

@@ -21,6 +21,18 @@ JOB_ERROR_FILE = "error.txt"
 MLFLOW_RUN_FILE = "mlflow_run.json"
 MLFLOW_PENDING_FILE = "mlflow_pending.json"
 
+# Every file the sweep report may write into a sweep directory (and the sweep's parent run logs).
+REPORT_FILES = (
+    "comparison.md",
+    "comparison.csv",
+    "pareto.png",
+    "risk_coverage.png",
+    "reliability.png",
+    "shift.csv",
+    "shift_heatmap.png",
+    "shift_severity.png",
+)
+
 
 @contextlib.contextmanager
 def atomic_write(path: Path, newline: str | None = None) -> Iterator[Any]:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 
 from ml_infer.config import process_rank
 from ml_infer.errors import UserError
-from ml_infer.outputs import failed_jobs, sweep_id_of
+from ml_infer.outputs import REPORT_FILES, failed_jobs, sweep_id_of
 from ml_infer.plots import plot_pareto, plot_risk_coverage
 from ml_infer.reliability import plot_reliability_overlay
 from ml_infer.shiftplots import plot_shift_heatmap, plot_shift_severity
@@ -136,19 +136,6 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     return add_derived_columns(read_runs(sweep_dir))
 
 
-# Every file a report may write; those the last report wrote and this one does not are removed.
-REPORT_FILES = (
-    "comparison.md",
-    "comparison.csv",
-    "pareto.png",
-    "risk_coverage.png",
-    "reliability.png",
-    "shift.csv",
-    "shift_heatmap.png",
-    "shift_severity.png",
-)
-
-
 def write_comparison(
     out_dir: str | Path, rows: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
@@ -167,7 +154,7 @@ def write_comparison(
         made = sorted(path.name for path in stage.iterdir())
         for name in made:
             os.replace(stage / name, out_dir / name)
-        for name in set(REPORT_FILES) - set(made):
+        for name in set(REPORT_FILES) - set(made):  # an earlier report's
             (out_dir / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -248,7 +235,11 @@ class SweepReport(Callback):
         if process_rank() > 0:
             return  # ranks > 0 of torchrun ran in a scratch directory
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = write_comparison(sweep_dir)
+        try:
+            rows = write_comparison(sweep_dir)
+        except OSError as error:
+            print(f"error: cannot write the sweep's report: {error}", file=sys.stderr, flush=True)
+            rows = []
         if rows:
             print(f"\nComparison of {len(rows)} runs ({sweep_dir / 'comparison.md'}):\n")
             print(comparison_text(rows), flush=True)

@@ -21,6 +21,7 @@ from ml_infer.labels import labelled_by_name
 from ml_infer.task import run_evaluation
 
 from .conftest import compose_config, write_digits_folder
+from .test_formats import seed_best_pt
 
 DIGITS = [str(d) for d in range(10)]
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -71,25 +72,26 @@ def same_probabilities(row: dict[str, str], names: list[str], reference: dict[st
 def test_a_folder_without_a_class_is_scored_image_for_image_as_the_full_folder(
     full, runs_dir, tmp_path
 ):
-    root = write_digits_folder(tmp_path / "data", DIGITS[:9])
+    """Without class 0 the folder's sorted classes are 1 ... 9: every label moves by one."""
+    root = write_digits_folder(tmp_path / "data", [None, *DIGITS[1:]])
     run = scored(root, tmp_path / "run", runs_dir)
     rows, metrics = run["rows"], run["metrics"]
-    nines = [image for image, row in full["rows"].items() if row["label"] == "9"]
-    assert nines and rows.keys() == full["rows"].keys() - set(nines)
+    zeros = [image for image, row in full["rows"].items() if row["label"] == "0"]
+    assert zeros and rows.keys() == full["rows"].keys() - set(zeros)
     for image, row in rows.items():
         assert row["label"] == full["rows"][image]["label"]
         assert row["pred"] == full["rows"][image]["pred"]
         assert same_probabilities(row, DIGITS, full["rows"][image])
     assert metrics["n"] == len(rows)
-    assert metrics["classes_present"] == DIGITS[:9] and metrics["classes_absent"] == ["9"]
+    assert metrics["classes_present"] == DIGITS[1:] and metrics["classes_absent"] == ["0"]
     labels = [row["label"] for row in rows.values()]
     preds = [row["pred"] for row in rows.values()]
     assert metrics["accuracy"] == pytest.approx(
         sum(label == pred for label, pred in zip(labels, preds, strict=True)) / len(rows)
     )
-    # over the classes present: a prediction of 9 is a miss of the true class, no tenth F1 of 0
+    # over the classes present: a prediction of 0 is a miss of the true class, no tenth F1 of 0
     assert metrics["macro_f1"] == pytest.approx(
-        f1_score(labels, preds, labels=DIGITS[:9], average="macro"), abs=1e-12
+        f1_score(labels, preds, labels=DIGITS[1:], average="macro"), abs=1e-12
     )
     assert full["metrics"]["classes_absent"] == []
 
@@ -123,10 +125,11 @@ def test_class_folders_that_sort_in_another_order_are_matched_by_name(
 
 
 def test_a_class_the_checkpoint_does_not_know_is_skipped_when_asked(full, runs_dir, tmp_path):
+    """a_cat/ sorts first: the digits' labels move by one until its images are left out."""
     root = write_digits_folder(tmp_path / "data")
-    cats = write_digits_folder(tmp_path / "cats", ["cat"], per_class=4)
-    (cats / "cat").rename(root / "cat")
-    with pytest.raises(UserError, match=r"does not know: \['cat'\].*data.unknown_classes=skip"):
+    cats = write_digits_folder(tmp_path / "cats", ["a_cat"], per_class=4)
+    (cats / "a_cat").rename(root / "a_cat")
+    with pytest.raises(UserError, match=r"does not know: \['a_cat'\].*data.unknown_classes=skip"):
         scored(root, tmp_path / "refused", runs_dir)
     assert not (tmp_path / "refused" / "metrics.json").exists()
 
@@ -137,10 +140,10 @@ def test_a_class_the_checkpoint_does_not_know_is_skipped_when_asked(full, runs_d
     with (tmp_path / "run" / "skipped_files.csv").open(newline="") as handle:
         skipped = list(csv.DictReader(handle))
     assert sorted(row["path"] for row in skipped) == sorted(
-        f"cat/{path.name}" for path in (root / "cat").iterdir()
+        f"a_cat/{path.name}" for path in (root / "a_cat").iterdir()
     )
     assert {row["reason"] for row in skipped} == {
-        "class 'cat' is not one of the checkpoint's classes"
+        "class 'a_cat' is not one of the checkpoint's classes"
     }
     assert run["metrics"]["skipped_files"] == 4
     assert run["metrics"]["accuracy"] == full["metrics"]["accuracy"]
@@ -192,3 +195,51 @@ def test_metrics_json_lists_present_and_absent_classes(full):
     metrics = full["metrics"]
     assert metrics["classes_present"] == DIGITS
     assert json.loads(json.dumps(metrics))["classes_absent"] == []
+
+
+def test_a_nameless_checkpoint_on_a_folder_with_some_classes_is_told_what_to_set(
+    full, runs_dir, tmp_path
+):
+    """The seed's best.pt names no classes: a folder without 9 gives it 9 names for 10 outputs.
+    The error says to name them; named, the folder is scored image for image as the full one."""
+    path = tmp_path / "best.pt"
+    torch.save(seed_best_pt(runs_dir / "fold_0" / "weights" / "best.pt"), path)
+    root = write_digits_folder(tmp_path / "data", DIGITS[:9])
+    seed = ["model=small_cnn", f"ensemble.checkpoints=[{path}]"]
+    with pytest.raises(
+        UserError, match=r"trained on 10 classes, the data has 9.*checkpoint\.classes="
+    ):
+        scored(root, tmp_path / "refused", runs_dir, *seed)
+    run = scored(
+        root, tmp_path / "run", runs_dir, *seed, f"checkpoint.classes=[{','.join(DIGITS)}]"
+    )
+    assert run["metrics"]["classes_absent"] == ["9"]
+    assert all(row["pred"] == full["rows"][image]["pred"] for image, row in run["rows"].items())
+
+
+def test_an_ensemble_member_without_class_names_takes_another_members(full, runs_dir, tmp_path):
+    """[seed best.pt (no names), fold 0 named by words] on word folders: the words, not the
+    folders' sorted order, number the seed member's outputs."""
+    seed = tmp_path / "best.pt"
+    torch.save(seed_best_pt(runs_dir / "fold_0" / "weights" / "best.pt"), seed)
+    words = word_checkpoint(runs_dir, tmp_path)
+    root = write_digits_folder(tmp_path / "data", WORDS)
+    run = scored(
+        root,
+        tmp_path / "run",
+        runs_dir,
+        "strategy=ensemble",
+        "model=small_cnn",
+        f"ensemble.checkpoints=[{seed},{words}]",
+    )
+    assert run["metrics"]["models"] == 2
+    for image, row in run["rows"].items():  # both members are fold 0's weights
+        assert row["pred"] == WORDS[int(full["rows"][image]["pred"])]
+
+
+def test_a_calibration_folder_with_a_class_the_checkpoint_does_not_know_says_so(runs_dir, tmp_path):
+    root = write_digits_folder(tmp_path / "test", per_class=3)
+    val = write_digits_folder(tmp_path / "val", ["a_cat", *DIGITS[1:]], per_class=3, split="val")
+    with pytest.raises(UserError, match=r"^the calibration images: .*does not know: \['a_cat'\]"):
+        scored(root, tmp_path / "run", runs_dir, "calibration=temperature", f"data.val_root={val}")
+    assert not (tmp_path / "run" / "metrics.json").exists()

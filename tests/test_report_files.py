@@ -8,10 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ml_infer import report
+from ml_infer.metrics import aurc
+from ml_infer.outputs import REPORT_FILES
 from ml_infer.report import collect_runs
 
 from .test_sweeps import hand_made_metrics, make_run
@@ -40,7 +43,7 @@ def test_the_report_exits_2_and_writes_nothing_when_no_run_is_left(tmp_path, cap
     err = capsys.readouterr().err
     assert f"error: no evaluated run found in {sweep}" in err
     assert err.count("warning: skipping run ") == 2
-    assert not any((sweep / name).exists() for name in report.REPORT_FILES)
+    assert not any((sweep / name).exists() for name in REPORT_FILES)
 
 
 def test_a_report_that_fails_midway_leaves_the_last_complete_one(tmp_path, capsys, monkeypatch):
@@ -73,11 +76,26 @@ def test_files_of_an_earlier_report_that_this_one_does_not_make_are_removed(tmp_
     assert written == f"wrote {sweep / 'comparison.md'}, comparison.csv, pareto.png"
 
 
-def test_a_run_without_a_relative_cost_or_a_risk_curve_is_kept(tmp_path):
+def test_figures_a_real_run_can_have_at_their_edges_are_kept(tmp_path, capsys):
+    """No relative cost (standard not timed), no risk curve (one image), an AURC one rounding
+    step above 1 (every prediction wrong, written before aurc() clamped it), a loop faster than
+    the clock."""
     sweep = two_run_sweep(tmp_path)
-    no_curve = {"relative_cost": math.nan, "relative_cost_iqr": math.nan, "aurc": math.nan}
-    make_run(sweep, "2_tta", hand_made_metrics("tta", 0.97, 90.0) | no_curve, "- seed=1\n")
-    assert [row["run"] for row in collect_runs(sweep)][-1] == "seed=1"
+    edges = {
+        "relative_cost": math.nan,
+        "relative_cost_iqr": math.nan,
+        "aurc": math.nan,
+        "images_per_s": math.inf,
+    }
+    make_run(sweep, "2_tta", hand_made_metrics("tta", 0.97, 90.0) | edges, "- seed=1\n")
+    all_wrong = {"accuracy": 0.0, "accuracy_ci95_low": 0.0, "aurc": 1.0000000000000002}
+    make_run(sweep, "3_tta", hand_made_metrics("tta", 0.0, 90.0) | all_wrong, "- seed=2\n")
+    assert [row["run"] for row in collect_runs(sweep)][-2:] == ["seed=1", "seed=2"]
+    assert capsys.readouterr().err == ""
+
+
+def test_aurc_of_all_wrong_predictions_is_at_most_one():
+    assert all(aurc(torch.ones(n, dtype=torch.float64)) <= 1.0 for n in range(2, 200))
 
 
 _ODD_VALUES = st.one_of(

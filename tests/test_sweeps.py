@@ -319,7 +319,7 @@ def test_python_m_ml_infer_report_on_a_sweep_with_unreadable_runs(hand_made_swee
         ({"accuracy_ci95_low": float("nan")}, "has accuracy_ci95_low=nan, not a number in [0, 1]"),
         ({"accuracy": None}, "has accuracy=None, not a number"),
         ({"images_per_s": "fast"}, "has images_per_s='fast', not a number"),
-        ({"images_per_s": float("inf")}, "has images_per_s=inf, not a finite number"),
+        ({"nll": float("inf")}, "has nll=inf, not a finite number"),
         ({"nll": -0.5}, "has nll=-0.5, not a number in [0, inf]"),
         ({"accuracy": 1.5}, "has accuracy=1.5, not a number in [0, 1]"),
         ({"views": True}, "has views=True, not a number"),

@@ -27,6 +27,7 @@ from ml_infer.filedata import read_json_object
 from ml_infer.outputs import (
     MLFLOW_PENDING_FILE,
     MLFLOW_RUN_FILE,
+    REPORT_FILES,
     failed_jobs,
     job_order,
     sweep_id_of,
@@ -201,16 +202,7 @@ def _start_parent(tracking: TrackingSettings, sweep_dir: Path, overrides: list[s
 
 def _finish_parent(tracking: TrackingSettings, run_id: str, sweep_dir: Path, status: str) -> None:
     client = _client(tracking)
-    for name in (
-        "comparison.md",
-        "comparison.csv",
-        "pareto.png",
-        "risk_coverage.png",
-        "reliability.png",
-        "shift.csv",
-        "shift_heatmap.png",
-        "shift_severity.png",
-    ):
+    for name in REPORT_FILES:
         if (sweep_dir / name).is_file():
             client.log_artifact(run_id, str(sweep_dir / name))
     client.set_tag(run_id, "sweep_dir", str(sweep_dir.resolve()))
