@@ -19,7 +19,7 @@ from ml_infer.aggregate import Predictions
 from ml_infer.bank import Classifier
 from ml_infer.predictor import Predictor
 from ml_infer.runners import Runner
-from ml_infer.store import MemoryStore, entry_key, tensor_digest
+from ml_infer.store import MemoryStore, data_identity, entry_key
 
 IDENTITY = "identity"
 
@@ -35,11 +35,7 @@ class StoreKeys:
 
     @classmethod
     def of(cls, predictor: Predictor, members: Sequence[Classifier], dataset: Any) -> StoreKeys:
-        # A streamed folder is known by its files (data_key); images held, by their pixels.
-        data = getattr(dataset, "data_key", None)
-        images = getattr(dataset, "images", None)
-        if data is None:
-            data = tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
+        data = data_identity(dataset)
         shift = getattr(dataset, "shift", None)  # named beside the digest, when there is one
         device = predictor.device
         return cls(

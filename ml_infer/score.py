@@ -27,6 +27,7 @@ from ml_infer.outputs import current_sweep_id
 from ml_infer.passes import DatasetPredictions, Timing
 from ml_infer.predictor import Predictor
 from ml_infer.runners import Runner
+from ml_infer.store import data_identity
 
 
 def run_metrics(
@@ -68,6 +69,7 @@ def run_metrics(
         "data": cfg.data.name if cfg.mode == "evaluate" else "folder",
         "split": cfg.data.split if cfg.mode == "evaluate" else str(cfg.predict.root),
         "skipped_files": len(dataset.skipped),
+        "data_digest": data_identity(dataset),  # SHA-256 of the pixels seen, or of the files
         "weights": sorted({member.weights for member in members}),
         "checkpoints": [str(member.path) for member in members],
         "checkpoint_format": members[0].format,

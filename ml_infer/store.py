@@ -55,6 +55,16 @@ def entry_key(parts: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
+def data_identity(dataset: Any) -> str:
+    """What the models see of a data set: a streamed folder's `data_key` (its files), else the
+    SHA-256 of the images held."""
+    data = getattr(dataset, "data_key", None)
+    if data is not None:
+        return str(data)
+    images = getattr(dataset, "images", None)
+    return tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
+
+
 def tensor_digest(tensor: Tensor) -> str:
     """SHA-256 of a tensor's values, shape and dtype: the identity of the images a model sees."""
     digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())

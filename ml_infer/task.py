@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
         return tune(cfg, run_dir).metrics
     if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
         preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
+    started_at = _now()
     evaluation: Evaluation | None
     if cfg.get("cascade") is not None:
         from ml_infer.cascade_eval import evaluate_cascade
@@ -42,6 +44,7 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
         evaluation = evaluate(cfg)
     if evaluation is None:
         return {}
+    evaluation.metrics |= {"started_at": started_at, "ended_at": _now()}  # the MLflow run's span
     write_run(evaluation, run_dir)
     try:
         log_evaluation(cfg, evaluation.metrics, run_dir)
@@ -57,3 +60,8 @@ def hydra_run_dir() -> Path:
     if not HydraConfig.initialized():
         raise UserError("run_evaluation() outside a Hydra run needs an output_dir")
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _now() -> str:
+    """The time in UTC, to the millisecond, as ISO 8601 text."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

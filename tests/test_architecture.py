@@ -39,6 +39,7 @@ LAYERS: list[set[str]] = [
     {"evaluate"},
     {"record", "tracking.store", "tune", "cascade"},
     {"cascade_eval"},
+    {"tracking.fields"},
     {"tracking.runs"},
     {"tracking.sweep"},
     {"tracking.sync"},

@@ -13,7 +13,7 @@ import pytest
 from ml_infer.cli import build_parser, split_overrides, to_overrides
 from ml_infer.task import run_evaluation
 
-from .conftest import REPO, compose_config
+from .conftest import REPO, compose_config, run_cli
 
 ML_INFERENCE = Path(sys.executable).parent / "ml-inference"
 COMPARED = ("n", "accuracy", "macro_f1", "nll", "ece", "brier", "views", "models", "strategy")
@@ -187,3 +187,19 @@ def test_argument_errors_name_the_flag_and_valid_values(flags, fragments):
     assert error_line.startswith("ml-inference: error: argument")
     for fragment in fragments:
         assert fragment in error_line
+
+
+@pytest.mark.slow
+def test_python_m_ml_infer_help_names_the_app_and_its_commands_compose():
+    result = run_cli(["ml_infer", "--help"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("ml_infer: which inference strategy to ship")
+    assert "powered by Hydra" not in result.stdout and "__main__" not in result.stdout
+    assert "== Configuration groups ==" in result.stdout  # Hydra's listing follows
+    commands = [line.split("#")[0].split() for line in lines if line.startswith("  python -m ")]
+    assert [c[2] for c in commands] == ["ml_infer"] * 4 + ["ml_infer.report"]
+    for command in commands[:4]:  # each one's overrides are valid ones
+        overrides = [w.strip("'") for w in command[3:] if w != "-m"]
+        first_of_each_sweep = [o.replace("=DIR", "=/data").split(",")[0] for o in overrides]
+        assert compose_config(first_of_each_sweep).mode == "evaluate"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,44 @@ def check_sweep_was_tracked(uri: str, sweep_dir: Path) -> None:
         } <= artifacts
     parent_artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.md", "comparison.csv", "pareto.png"} <= parent_artifacts
+    check_what_the_ui_shows(client, experiment, parent, by_strategy, sweep_dir)
+
+
+def check_what_the_ui_shows(client, experiment, parent, by_strategy, sweep_dir: Path) -> None:
+    """MLflow 3's UI opens the experiment on its runs table; counts are params; runs carry
+    MLflow's user/source tags, their data as a dataset input and the evaluation's real span; the
+    parent is dated and names the best runs and the Pareto front."""
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    digests = set()
+    for job, strategy in enumerate(SWEPT):
+        run = by_strategy[strategy]
+        local = json.loads((sweep_dir / f"{job}_{strategy}" / "metrics.json").read_text())
+        for count in ("n", "processes", "torch_threads", "timed_passes", "skipped_files"):
+            assert run.data.params[count] == str(local[count]) and count not in run.data.metrics
+        assert not {"views", "models"} & set(run.data.metrics)
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.user"]
+        (data,) = run.inputs.dataset_inputs
+        assert data.dataset.name == "digits/test"
+        assert data.dataset.digest == local["data_digest"][:36]
+        digests.add(data.dataset.digest)
+        span = [
+            datetime.fromisoformat(local[k]).timestamp() * 1000 for k in ("started_at", "ended_at")
+        ]
+        assert run.info.start_time == pytest.approx(span[0], abs=1)
+        assert run.info.end_time == pytest.approx(span[1], abs=1)
+        assert run.info.end_time - run.info.start_time > 100  # the evaluation, not the logging
+    assert len(digests) == 1  # the same test images
+    assert re.fullmatch(r"sweep \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", parent.info.run_name)
+    with (sweep_dir / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    best = max(rows, key=lambda row: float(row["accuracy"]))
+    assert parent.data.tags["best_by_accuracy"] == best["run"]
+    assert parent.data.metrics["best_accuracy"] == pytest.approx(float(best["accuracy"]))
+    lowest_nll = min(rows, key=lambda row: float(row["nll"]))
+    assert parent.data.tags["best_by_nll"] == lowest_nll["run"]
+    front = parent.data.tags["pareto_front"].split(", ")
+    assert best["run"] in front and set(front) <= {row["run"] for row in rows}
 
 
 def check_report_matches_runs(sweep_dir: Path) -> None:
@@ -191,8 +231,11 @@ def test_single_run_is_tracked_in_process(runs_dir, tmp_path):
     cfg = compose_config(
         ["tracking=mlflow", f"tracking.uri={uri}", "strategy=ensemble"], runs_dir=runs_dir
     )
-    metrics = run_evaluation(cfg, output_dir=tmp_path / "run")
     client = client_for(uri)
+    client.create_experiment("ml_infer-digits")  # as an earlier ml_infer made it: no kind
+    metrics = run_evaluation(cfg, output_dir=tmp_path / "run")
+    experiment = client.get_experiment_by_name("ml_infer-digits")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     (run,) = client.search_runs([client.get_experiment_by_name("ml_infer-digits").experiment_id])
     assert "mlflow.parentRunId" not in run.data.tags
     assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])

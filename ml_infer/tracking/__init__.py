@@ -14,12 +14,14 @@ and why (`mlflow_pending.json`); `sync_sweep` (`python -m ml_infer.report SWEEP_
 logs the runs that missed live logging once the store answers again.
 
     store   settings, reaching the store, short failure messages, `preflight`
+    fields  what a run's params, tags, metrics and dataset input say
     runs    one evaluated strategy as one MLflow run (`log_evaluation`)
     sweep   the sweep's parent run (`MLflowSweep`)
     sync    logging missed runs later, reading an experiment back for the report
 """
 
-from ml_infer.tracking.runs import flatten, git_state, log_evaluation, run_params, run_tags
+from ml_infer.tracking.fields import flatten, git_state, run_params, run_tags
+from ml_infer.tracking.runs import log_evaluation
 from ml_infer.tracking.store import (
     TrackingFailed,
     TrackingSettings,

@@ -1,16 +1,13 @@
-"""One evaluated strategy as one MLflow run: params, tags, metrics, artifacts, and a marker in its
-run directory saying whether it reached MLflow (`mlflow_run.json`) or why not
+"""One evaluated strategy as one MLflow run (its fields: tracking.fields), its artifacts, and a
+marker in its run directory saying whether it reached MLflow (`mlflow_run.json`) or why not
 (`mlflow_pending.json`, which `--sync` reads to log it later).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +24,14 @@ from ml_infer.outputs import (
     sweep_dir,
     write_json,
 )
+from ml_infer.tracking.fields import (
+    dataset_input,
+    mlflow_context_tags,
+    numeric_metrics,
+    run_params,
+    run_tags,
+)
 from ml_infer.tracking.store import (
-    _MAX_PARAM_LENGTH,
     PARENT_RUN_FILE,
     TrackingSettings,
     _client,
@@ -41,110 +44,11 @@ from ml_infer.tracking.store import (
 log = logging.getLogger(__name__)
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"a.b.c": "value"}; lists become JSON.
-
-    >>> flatten({"tta": {"augmentations": ["hflip"], "aggregation": "mean"}, "seed": 0})
-    {'tta.augmentations': '["hflip"]', 'tta.aggregation': 'mean', 'seed': '0'}
-    """
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat |= flatten(value, prefix=f"{name}.")
-        elif isinstance(value, (list, tuple)):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = str(value)
-    return flat
-
-
-def run_params(config: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, str]:
-    """Params of a run: its resolved config (a plain mapping), flattened, plus the view and
-    model counts and the precision that ran."""
-    params = flatten({k: v for k, v in config.items() if k != "hydra"})
-    params["tta.views"] = str(metrics.get("views"))
-    params["ensemble.models"] = str(metrics.get("models"))
-    params["precision.effective"] = str(metrics.get("precision"))
-    return {k: v[:_MAX_PARAM_LENGTH] for k, v in params.items()}
-
-
-def run_tags(
-    metrics: Mapping[str, Any], overrides: str = "", host: str | None = None
-) -> dict[str, str]:
-    checkpoints = metrics.get("checkpoint_sha256") or []
-    tags = {
-        "strategy": str(metrics.get("strategy")),
-        "data": f"{metrics.get('data')}/{metrics.get('split')}",
-        "checkpoint_sha256": ",".join(map(str, checkpoints))[:_MAX_PARAM_LENGTH],
-        "host": host or platform.node(),
-        "device": str(metrics.get("device")),
-    }
-    commit, dirty = git_state()
-    if commit:
-        tags["git_commit"] = commit
-        tags["git_dirty"] = str(dirty).lower()
-    if overrides:
-        tags["overrides"] = overrides[:_MAX_PARAM_LENGTH]
-    return tags
-
-
 def _job_overrides() -> str:
     """The command-line overrides that made this run (a sweep's label for it), if under Hydra."""
     from hydra.core.hydra_config import HydraConfig
 
     return run_label(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else ""
-
-
-def git_state() -> tuple[str | None, bool]:
-    """The commit of the ml_infer checkout this code runs from, and whether it has local changes
-    (None outside a git checkout, e.g. when installed from a wheel)."""
-    package_dir = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(package_dir), *args],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None, False
-    return commit or None, dirty
-
-
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of metrics.json as MLflow metrics; a mapping of numbers (per_view_accuracy,
-    per_member_accuracy) as one metric per entry, e.g. `per_view_accuracy.horizontal_flip`.
-
-    >>> numeric_metrics({"accuracy": 0.9, "ok": True, "per_view_accuracy": {"identity": 0.9}})
-    {'accuracy': 0.9, 'per_view_accuracy.identity': 0.9}
-    """
-    found: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, Mapping):
-            for name, number in value.items():
-                if isinstance(number, (int, float)) and not isinstance(number, bool):
-                    found[f"{key}.{_metric_name(str(name))}"] = float(number)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            found[key] = float(value)
-    return found
-
-
-def _metric_name(name: str) -> str:
-    """A checkpoint path or view name as an MLflow metric key (letters, digits, _ - . / only).
-
-    >>> _metric_name("runs/digits/fold_0/weights/best.pt")
-    'runs/digits/fold_0/weights/best.pt'
-    >>> _metric_name("my fold (1).pt")
-    'my_fold__1_.pt'
-    """
-    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
 
 
 # Files of a run directory that its MLflow run carries.
@@ -169,6 +73,8 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]
     artifacts: list[Path] = field(default_factory=list)
+    dataset: dict[str, str] | None = None  # the scored data as an MLflow dataset input
+    span_ms: tuple[int | None, int | None] = (None, None)  # when the evaluation started, ended
 
     @classmethod
     def assemble(
@@ -189,6 +95,8 @@ class RunRecord:
             params=run_params(config, metrics),
             metrics=numeric_metrics(metrics),
             artifacts=[run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).is_file()],
+            dataset=dataset_input(config, metrics),
+            span_ms=(_epoch_ms(metrics.get("started_at")), _epoch_ms(metrics.get("ended_at"))),
         )
 
 
@@ -203,9 +111,8 @@ def log_evaluation(cfg: DictConfig, metrics: Mapping[str, Any], run_dir: Path) -
     if tracking is None:
         return None
     config = plain_dict(cfg)
-    record = RunRecord.assemble(
-        run_dir, config, metrics, run_tags(metrics, _job_overrides()), _parent_run_id()
-    )
+    tags = mlflow_context_tags() | run_tags(metrics, _job_overrides())
+    record = RunRecord.assemble(run_dir, config, metrics, tags, _parent_run_id())
     created: dict[str, str] = {}
     try:
         run_id = _log_run(tracking, record, created)
@@ -268,9 +175,14 @@ def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, s
 
     client = _client(tracking)
     experiment_id = _experiment_id(client, tracking)
-    run = client.create_run(experiment_id, tags=record.tags, run_name=tracking.run_name)
+    started, ended = record.span_ms
+    run = client.create_run(
+        experiment_id, start_time=started, tags=record.tags, run_name=tracking.run_name
+    )
     run_id = created["run_id"] = run.info.run_id
     try:
+        if record.dataset is not None:
+            client.log_inputs(run_id, [_mlflow_dataset(record.dataset)])
         now = int(time.time() * 1000)
         param_list = [Param(k, v) for k, v in record.params.items()]
         metric_list = [Metric(k, v, now, 0) for k, v in record.metrics.items()]
@@ -282,7 +194,7 @@ def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, s
             )
         for artifact in record.artifacts:
             client.log_artifact(run_id, str(artifact))
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=ended)
     except Exception:
         # the store may be gone: the original failure is what to report
         with contextlib.suppress(Exception):
@@ -292,6 +204,26 @@ def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, s
         "logged MLflow run %s to %s (experiment %r)", run_id, tracking.uri, tracking.experiment
     )
     return run_id
+
+
+def _epoch_ms(timestamp: Any) -> int | None:
+    """An ISO 8601 time of metrics.json in milliseconds since 1970 (None if it is not one).
+
+    >>> _epoch_ms("1970-01-01T00:00:01.500+00:00"), _epoch_ms("yesterday"), _epoch_ms(3)
+    (1500, None, None)
+    """
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(timestamp).timestamp() * 1000)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mlflow_dataset(fields: Mapping[str, str]) -> Any:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    return DatasetInput(Dataset(**fields), tags=[InputTag("mlflow.data.context", "test")])
 
 
 def _read_parent_marker(sweep_dir: Path) -> dict[str, Any] | None:

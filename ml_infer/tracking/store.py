@@ -161,13 +161,22 @@ def _client(tracking: TrackingSettings):
     return MlflowClient(tracking_uri=tracking.uri)
 
 
+# MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI (traces)
+# view; MLflow 2 shows the tag as any other.
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client: Any, tracking: TrackingSettings) -> str:
     experiment = client.get_experiment_by_name(tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(
-        tracking.experiment, artifact_location=_artifact_location(tracking)
-    )
+    if experiment is None:
+        return client.create_experiment(
+            tracking.experiment,
+            artifact_location=_artifact_location(tracking),
+            tags=dict([EXPERIMENT_KIND_TAG]),
+        )
+    if EXPERIMENT_KIND_TAG[0] not in experiment.tags:  # made by an earlier ml_infer: kind it
+        client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND_TAG)
+    return experiment.experiment_id
 
 
 def _artifact_location(tracking: TrackingSettings) -> str | None:

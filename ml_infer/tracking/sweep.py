@@ -9,10 +9,13 @@ missed logging (the summary line then says how to log those runs later).
 
 from __future__ import annotations
 
+import csv
 import logging
+import math
 import os
 import platform
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ from ml_infer.outputs import (
     job_order,
     sweep_id_of,
 )
+from ml_infer.plots import pareto_front
 from ml_infer.tracking.runs import _read_parent_marker, _write_parent_marker
 from ml_infer.tracking.store import (
     _MAX_PARAM_LENGTH,
@@ -190,7 +194,7 @@ def _start_parent(tracking: TrackingSettings, sweep_dir: Path, overrides: list[s
     joined = " ".join(overrides)
     run = client.create_run(
         experiment_id,
-        run_name=f"sweep {sweep_dir.name}",
+        run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={
             "sweep": "true",
             "sweep_overrides": joined[:_MAX_PARAM_LENGTH],
@@ -205,6 +209,54 @@ def _finish_parent(tracking: TrackingSettings, run_id: str, sweep_dir: Path, sta
     for name in REPORT_FILES:
         if (sweep_dir / name).is_file():
             client.log_artifact(run_id, str(sweep_dir / name))
+    metrics, tags = sweep_summary(sweep_dir / "comparison.csv")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value[:_MAX_PARAM_LENGTH])
+    for key, number in metrics.items():
+        client.log_metric(run_id, key, number)
     client.set_tag(run_id, "sweep_dir", str(sweep_dir.resolve()))
     client.set_terminated(run_id, status)
     log.info("closed the sweep's MLflow parent run %s (%s)", run_id, status)
+
+
+def sweep_summary(comparison_csv: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """What the sweep's parent run shows of its runs (read from the report's comparison.csv, as
+    data): the best run by accuracy and by NLL, their figures, and the Pareto front of accuracy
+    against relative cost (forward passes per image where no run measured its cost)."""
+    try:
+        with comparison_csv.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}, {}
+    scored: list[tuple[dict[str, str], float]] = [
+        (row, accuracy) for row in rows if (accuracy := _number(row, "accuracy")) is not None
+    ]
+    if not scored:
+        return {}, {}
+    best_row, best_accuracy = max(scored, key=lambda pair: pair[1])
+    metrics: dict[str, float] = {"best_accuracy": best_accuracy}
+    tags = {"best_by_accuracy": _name(best_row), "runs_compared": str(len(scored))}
+    with_nll = [(row, nll) for row, _ in scored if (nll := _number(row, "nll")) is not None]
+    if with_nll:
+        best_nll_row, best_nll = min(with_nll, key=lambda pair: pair[1])
+        metrics["best_nll"] = best_nll
+        tags["best_by_nll"] = _name(best_nll_row)
+    costs = [_number(row, "relative_cost") for row, _ in scored]
+    if any(cost is None for cost in costs):
+        costs = [_number(row, "forward_passes_per_image") for row, _ in scored]
+    if all(cost is not None for cost in costs):
+        points = [(float(cost or 0), accuracy) for cost, (_, accuracy) in zip(costs, scored)]
+        tags["pareto_front"] = ", ".join(_name(scored[i][0]) for i in pareto_front(points))
+    return metrics, tags
+
+
+def _number(row: dict[str, str], key: str) -> float | None:
+    try:
+        value = float(row.get(key) or "nan")
+    except ValueError:
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _name(row: dict[str, str]) -> str:
+    return row.get("run") or row.get("strategy") or "?"

@@ -19,13 +19,13 @@ from ml_infer.outputs import (
     sweep_id_of,
 )
 from ml_infer.sweeplock import acquire_sweep_lock, release_sweep_lock
+from ml_infer.tracking.fields import CONFIGURATION_COUNTS, run_tags
 from ml_infer.tracking.runs import (
     RunRecord,
     _log_run,
     _mark_logged,
     _read_parent_marker,
     _write_parent_marker,
-    run_tags,
 )
 from ml_infer.tracking.store import (
     TrackingFailed,
@@ -242,12 +242,6 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
                 "run": run.data.tags.get("overrides") or run.info.run_name,
                 "run_id": run.info.run_id,
                 "strategy": params.get("strategy.name", run.data.tags.get("strategy")),
-                "views": int(float(params.get("tta.views", "nan")))
-                if "tta.views" in params
-                else None,
-                "models": int(float(params["ensemble.models"]))
-                if "ensemble.models" in params
-                else None,
                 "tta_aggregation": params.get("tta.aggregation"),
                 "ensemble_aggregation": params.get("ensemble.aggregation"),
                 "data": params.get("data.name"),
@@ -261,5 +255,23 @@ def runs_of_experiment(experiment: str, tracking_uri: str) -> list[dict[str, Any
                 "severity": int(run.data.metrics.get("severity", 0)),
                 "shift_applied": run.data.metrics.get("shift_mean_abs_change", 0.0) > 0,
             }
+            | _counts(params, run.data.metrics)
         )
     return rows
+
+
+def _counts(params: dict[str, str], metrics: dict[str, float]) -> dict[str, int | None]:
+    """The configuration counts of a run: params (metrics in runs logged before they moved).
+
+    >>> _counts({"tta.views": "10", "n": "360"}, {"models": 1.0})["views"], _counts({}, {})["n"]
+    (10, None)
+    """
+    found: dict[str, int | None] = {}
+    for name in CONFIGURATION_COUNTS:
+        param = {"views": "tta.views", "models": "ensemble.models"}.get(name, name)
+        value = params.get(param, metrics.get(name))
+        try:
+            found[name] = int(float(value)) if value is not None else None
+        except ValueError:
+            found[name] = None
+    return found
