@@ -68,6 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     if metrics:
         print(summary(metrics), flush=True)
+        print(f"  results in {run_dir}", flush=True)
     return metrics
 
 

@@ -243,14 +243,32 @@ def mcnemar_p_value(correct: Tensor, baseline_correct: Tensor) -> float:
     >>> mcnemar_p_value(torch.tensor([1, 1, 1, 1, 0]), torch.tensor([0, 0, 0, 0, 0]))
     0.125
     """
-    from scipy.stats import binomtest
-
     correct, baseline_correct = correct.bool(), baseline_correct.bool()
     only_baseline = int((baseline_correct & ~correct).sum())
     only_this = int((correct & ~baseline_correct).sum())
-    if only_baseline + only_this == 0:
+    return binomial_half_two_sided_p(min(only_baseline, only_this), only_baseline + only_this)
+
+
+def binomial_half_two_sided_p(k: int, n: int) -> float:
+    """P(Binomial(n, 1/2) is as far from n/2 as k is, or farther), two-sided: scipy's
+    `binomtest(k, n, 0.5).pvalue`, without importing scipy (1.2 s here). The distribution is
+    symmetric, so it is twice the lower tail up to min(k, n - k), capped at 1; the tail is summed
+    from log-probabilities, so n may be in the millions.
+
+    >>> binomial_half_two_sided_p(0, 3), binomial_half_two_sided_p(2, 4)
+    (0.25, 1.0)
+    """
+    k = min(k, n - k)
+    if 2 * k >= n:
         return 1.0
-    return float(binomtest(min(only_baseline, only_this), only_baseline + only_this, 0.5).pvalue)
+    log_half_n = n * math.log(2)
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - log_half_n
+        for i in range(k + 1)
+    ]
+    top = max(log_terms)
+    tail = math.exp(top) * math.fsum(math.exp(term - top) for term in log_terms)
+    return min(1.0, 2.0 * tail)
 
 
 def risk_coverage(probs: Tensor, preds: Tensor, labels: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ from torch import Tensor
 from ml_infer.device import BatchTimer, prefetched, synchronize
 from ml_infer.errors import UserError, raise_if_interrupted
 from ml_infer.predictor import Predictor
+from ml_infer.progress import Progress
 
 
 @dataclasses.dataclass
@@ -133,22 +134,19 @@ def _timed_pass(
     (from pinned memory, on a side stream) while the current one runs. The device is
     synchronised twice per pass, at its start and its end.
     """
-    from tqdm.auto import tqdm
-
     device = predictor.device
-    bar = tqdm(
-        loader,
-        total=n_batches,
-        desc="batches",
-        unit="batch",
-        disable=None if progress else True,
-        leave=False,
+    bar = Progress(
+        "forward passes",
+        None,
+        passes_per_unit=predictor.forward_passes_per_image,
+        show=progress,
+        every_s=predictor.engine.progress_every_s,
     )
     timer = BatchTimer(device)
     kept = []
     synchronize(device)
     pass_start = time.perf_counter()
-    for images, batch_labels, batch_positions in prefetched(bar, device):
+    for images, batch_labels, batch_positions in prefetched(loader, device):
         raise_if_interrupted()
         with timer.batch():
             merged = predictor(images)
@@ -157,6 +155,7 @@ def _timed_pass(
             batch = gather(tuple(t.to(device) for t in batch))
         if outputs is not None:
             kept.append(batch)
+        bar.update(len(batch[2]))
     synchronize(device)
     elapsed = time.perf_counter() - pass_start
     bar.close()
@@ -212,25 +211,23 @@ def collect_logits(
 ) -> tuple[Tensor, Tensor]:
     """Every model's logits under every view, for the whole data set: ([M, K, N, C] float32 in
     data-set order, labels [N]). Under several processes every process gets all of them."""
-    from tqdm.auto import tqdm
-
     device = predictor.device
     parts: list[tuple[Tensor, Tensor, Tensor]] = []
-    bar = tqdm(
-        loader,
-        total=n_batches,
-        desc="forward passes",
-        unit="batch",
-        leave=False,
-        disable=None if progress else True,
+    bar = Progress(
+        "forward passes",
+        n_images,
+        passes_per_unit=predictor.forward_passes_per_image,
+        show=progress and predictor.engine.progress,
+        every_s=predictor.engine.progress_every_s,
     )
-    for images, labels, positions in bar:
+    for images, labels, positions in loader:
         raise_if_interrupted()
         logits = predictor.logits(images).permute(2, 0, 1, 3)  # [B, M, K, C]: batch first
         batch = (logits, labels, torch.as_tensor(positions))
-        if gather is not None:
+        if gather is not None:  # every process's images: the count is the whole data set's
             batch = gather(tuple(t.to(device) for t in batch))
         parts.append((batch[0].float().cpu(), batch[1].cpu(), batch[2].cpu()))
+        bar.update(len(batch[1]))
     bar.close()
     if not parts:
         raise UserError("the data loader yielded no batches")
@@ -264,6 +261,7 @@ def time_strategy(
     max_rounds: int = 50,
     gather: Gather | None = None,
     agree: Callable[[int], int] | None = None,
+    progress: bool = True,
 ) -> Timing:
     """Times the strategy on the first `timing_batches` batches (the set, when it has fewer), in
     rounds until at least `min_timing_s` of it is timed; in each round `standard` (the first
@@ -302,8 +300,17 @@ def time_strategy(
         rounds = min(math.ceil(min_timing_s / seconds[0][0]), max_rounds)
     if agree is not None:
         rounds = agree(rounds)
-    for index in range(1, rounds):
-        one_round(index)
+    with Progress(
+        "timing (the strategy beside standard)" if standard else "timing",
+        rounds,
+        unit="rounds",
+        show=progress and strategy.engine.progress,
+        every_s=strategy.engine.progress_every_s,
+    ) as bar:
+        bar.update(1)
+        for index in range(1, rounds):
+            one_round(index)
+            bar.update(1)
     if standard is None:
         ratios = [1.0]
     else:

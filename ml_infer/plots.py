@@ -6,6 +6,7 @@ matplotlib is imported where a picture is drawn (it takes a second), with the Ag
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,33 +31,88 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Accuracy (with its 95% interval) against relative cost; the Pareto front in red and joined.
+    """pareto.png: `pareto_figure(rows)`, saved."""
+    figure = pareto_figure(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
 
-    Points are numbered and listed in a key, so that runs of equal cost and accuracy stay
-    readable; a second panel zooms into the accuracy band around the best run.
+
+def job_number(row: dict[str, Any], position: int) -> int:
+    """The run's number as its run directory has it (`3_tta` -> 3); else its position.
+
+    >>> job_number({"run_dir": "/s/12_tta"}, 0), job_number({}, 4)
+    (12, 4)
+    """
+    found = re.match(r"(\d+)_", Path(str(row.get("run_dir", ""))).name)
+    return int(found.group(1)) if found else position
+
+
+def _label_lifts(costs: Sequence[float], accuracies: Sequence[float]) -> list[int]:
+    """For each point, how many earlier points lie so close (on the log cost axis and within 4%
+    of the accuracy range) that its label must go one line lower for each.
+
+    >>> _label_lifts([1.0, 1.05, 10.0, 1.1, 1.0], [0.9, 0.9, 0.9, 0.901, 0.5])
+    [0, 1, 0, 2, 0]
+    """
+    spread = (max(accuracies) - min(accuracies)) or 1.0
+    lifts: list[int] = []
+    for i, (cost, accuracy) in enumerate(zip(costs, accuracies)):
+        lifts.append(
+            sum(
+                abs(math.log10(cost / costs[j])) < 0.12
+                and abs(accuracy - accuracies[j]) < 0.04 * spread
+                for j in range(i)
+            )
+            if cost > 0
+            else 0
+        )
+    return lifts
+
+
+def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
+    """Accuracy (with its 95% interval) against relative cost (with its interquartile range, where
+    the runs measured one); the Pareto front in red and joined.
+
+    Each point is labelled with its run's number (as its run directory is numbered) and name, and
+    listed in a key, so that runs of equal cost and accuracy stay readable; a second panel zooms
+    into the accuracy band around the best run when some runs lie outside it.
     """
     plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     use_measured = all(not math.isnan(r.get("relative_cost", math.nan)) for r in rows)
     costs = [r["relative_cost"] if use_measured else r["forward_passes_per_image"] for r in rows]
+    spreads = [r.get("relative_cost_iqr", math.nan) if use_measured else math.nan for r in rows]
     accuracies = [r["accuracy"] for r in rows]
     lows = [r.get("accuracy_ci95_low", r["accuracy"]) for r in rows]
     highs = [r.get("accuracy_ci95_high", r["accuracy"]) for r in rows]
+    numbers = [job_number(dict(r), i) for i, r in enumerate(rows)]
+    names = [str(r.get("run", r.get("strategy", "?"))) for r in rows]
     front = pareto_front(list(zip(costs, accuracies)))
     best = max(accuracies)
     band = max(0.02, 2 * (highs[accuracies.index(best)] - lows[accuracies.index(best)]))
     zoomed = [i for i, a in enumerate(accuracies) if a >= best - band]
+    panels: list[Sequence[int]] = [range(len(rows))]
+    if len(zoomed) < len(rows):
+        panels.append(zoomed)
 
-    figure, (full, zoom, key) = plt.subplots(
-        1, 3, figsize=(15, 6), gridspec_kw={"width_ratios": [5, 5, 3]}
+    figure, axes_row = plt.subplots(
+        1,
+        len(panels) + 1,
+        figsize=(5 * len(panels) + 4, 6),
+        gridspec_kw={"width_ratios": [5] * len(panels) + [3]},
     )
-    for axes, shown in ((full, range(len(rows))), (zoom, zoomed)):
-        for i in shown:
+    plotted, key = axes_row[:-1], axes_row[-1]
+    for axes, shown in zip(plotted, panels):
+        lifts = _label_lifts([costs[i] for i in shown], [accuracies[i] for i in shown])
+        for lift, i in zip(lifts, shown):
             on_front = i in front
+            half_spread = spreads[i] / 2 if math.isfinite(spreads[i]) else 0.0
             axes.errorbar(
                 costs[i],
                 accuracies[i],
+                xerr=[[min(half_spread, costs[i] * 0.99)], [half_spread]] if half_spread else None,
                 yerr=[[accuracies[i] - lows[i]], [highs[i] - accuracies[i]]],
                 fmt="o",
                 color="tab:red" if on_front else "tab:gray",
@@ -64,14 +120,16 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
                 capsize=3,
                 markersize=7 if on_front else 5,
             )
-            axes.annotate(
-                str(i + 1),
+            label = axes.annotate(
+                f"{numbers[i]} {names[i].removeprefix('strategy=')[:22]}",
                 (costs[i], accuracies[i]),
                 textcoords="offset points",
-                xytext=(5, 3),
+                xytext=(5, 3 - 9 * lift),
                 fontsize=8,
                 fontweight="bold" if on_front else "normal",
             )
+            label.set_in_layout(False)  # labels may run past the axes; the margin makes room
+        axes.margins(x=0.25)
         axes.plot(
             [costs[i] for i in front],
             [accuracies[i] for i in front],
@@ -97,22 +155,23 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
         axes.xaxis.set_minor_formatter(NullFormatter())
         axes.grid(True, which="both", alpha=0.3)
         axes.set_xlabel(
-            "relative cost (standard's images/s / the run's)"
+            "relative cost (standard's images/s / the run's; bars: IQR)"
             if use_measured
             else "forward passes per image"
         )
-    full.set_ylabel("accuracy (bars: 95% Wilson interval)")
-    full.set_title("all runs")
-    full.legend(loc="lower right")
-    zoom.set_ylim(best - band - 0.002, min(1.0, max(highs[i] for i in zoomed)) + 0.002)
-    zoom.set_title(f"zoom: accuracy within {band:.3f} of the best")
+    plotted[0].set_ylabel("accuracy (bars: 95% Wilson interval)")
+    plotted[0].set_title("all runs")
+    plotted[0].legend(loc="lower right")
+    if len(plotted) > 1:
+        plotted[1].set_ylim(best - band - 0.002, min(1.0, max(highs[i] for i in zoomed)) + 0.002)
+        plotted[1].set_title(f"zoom: accuracy within {band:.3f} of the best")
     key.axis("off")
     key.text(
         0.0,
         1.0,
         "\n".join(
-            f"{'*' if i in front else ' '}{i + 1:>2}  {str(r.get('run', r['strategy']))[:34]}"
-            for i, r in enumerate(rows)
+            f"{'*' if i in front else ' '}{numbers[i]:>3}  {names[i][:40]}"
+            for i in range(len(rows))
         )
         + "\n\n* on the Pareto front: no run is\n  both cheaper and more accurate",
         family="monospace",
@@ -120,11 +179,14 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
         va="top",
         transform=key.transAxes,
     )
-    data = {f"{r.get('data', '?')}/{r.get('split', '?')}" for r in rows}
-    figure.suptitle(f"Accuracy vs cost on {', '.join(sorted(data))} ({len(rows)} runs)")
+    data = sorted({f"{r.get('data', '?')}/{r.get('split', '?')}" for r in rows})
+    how = sorted(
+        {f"{r['precision']} on {r['device']}" for r in rows if "device" in r and "precision" in r}
+    )
+    title = f"Accuracy vs cost on {', '.join(data)} ({len(rows)} runs"
+    figure.suptitle(title + (f"; {', '.join(how)})" if how else ")"))
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
 
 
 def plot_confusion_matrix(

@@ -47,6 +47,8 @@ class EngineSettings:
     channels_last: bool = False
     fold_batch_norm: bool = True
     compile: bool = False  # torch.compile each model (the same outputs up to float rounding)
+    progress: bool = True  # a bar on a terminal, else a line every progress_every_s seconds
+    progress_every_s: float = 30.0
 
     @classmethod
     def from_config(cls, engine: Any) -> EngineSettings:
@@ -61,6 +63,8 @@ class EngineSettings:
             channels_last=bool(engine["channels_last"]),
             fold_batch_norm=bool(engine["fold_batch_norm"]),
             compile=bool(engine.get("compile", False)),
+            progress=bool(engine.get("progress", True)),
+            progress_every_s=float(engine.get("progress_every_s", 30.0)),
         )
 
 

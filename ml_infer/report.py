@@ -246,6 +246,9 @@ class SweepReport(Callback):
             cost = sweep_cost_line(rows)
             if cost:
                 print(f"\n{cost}", flush=True)
+            print(
+                f"\nwrote {sweep_dir / 'comparison.md'} and {sweep_dir / 'pareto.png'}", flush=True
+            )
         for job_dir, message in failed_jobs(sweep_dir, sweep_id_of(sweep_dir)):
             print(f"error: run {job_dir.name} failed: {message}", file=sys.stderr, flush=True)
 

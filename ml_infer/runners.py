@@ -92,6 +92,7 @@ class SingleProcessRunner:
             gather=self.gather,
             progress=progress and self.is_main_process,
             n_batches=len(loader),
+            n_images=len(loader.dataset) if hasattr(loader, "dataset") else None,
         )
 
     def time(
@@ -114,6 +115,7 @@ class SingleProcessRunner:
             timing_batches=timing_batches,
             gather=self.gather,
             agree=self.agree,
+            progress=self.is_main_process,
         )
         # Every process times its own shard; the job is as fast as its slowest process.
         timing.wall_seconds = self.max_over_processes(timing.wall_seconds)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_infer"
 
 # From the bottom up; a module imports only from the layers before its own.
 LAYERS: list[set[str]] = [
-    {"errors", "metrics", "plots", "textures"},  # leaves: nothing of ours below them
+    {"errors", "metrics", "plots", "textures", "progress"},  # leaves: nothing of ours below them
     {"shiftplots"},
     {"filedata", "reliability"},
     {"config", "outputs", "sweeplock"},  # base: config access, run-directory files, the lock

@@ -108,7 +108,7 @@ def test_a_two_process_run_makes_one_mlflow_run(runs_dir, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("ml_infer-digits").experiment_id])
     assert len(runs) == 1
-    assert runs[0].data.metrics["processes"] == 2 and runs[0].data.metrics["n"] == 360
+    assert runs[0].data.params["processes"] == "2" and runs[0].data.params["n"] == "360"
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != ".hydra") == [
         "__main__.log",
         "confusion_matrix.png",

@@ -91,3 +91,23 @@ def test_speed_metrics():
     assert speed["images_per_s"] == 500
     assert speed["latency_ms_p50"] == pytest.approx(30.0)
     assert speed["latency_ms_p95"] == pytest.approx(88.0)
+
+
+def test_mcnemar_p_equals_scipys_exact_binomial_test():
+    """Our two-sided Binomial(n, 1/2) p-value against scipy's binomtest: every (k, n) up to 60
+    exactly to 1e-12, and large n (summed in log space) to 1e-8."""
+    from scipy.stats import binomtest
+
+    from ml_infer.metrics import binomial_half_two_sided_p, mcnemar_p_value
+
+    for n in range(1, 61):
+        for k in range(n + 1):
+            expected = binomtest(k, n, 0.5).pvalue
+            assert binomial_half_two_sided_p(k, n) == pytest.approx(expected, rel=1e-12, abs=0)
+    for k, n in ((2400, 5000), (99_000, 200_000), (10, 1000)):
+        expected = binomtest(k, n, 0.5).pvalue
+        assert binomial_half_two_sided_p(k, n) == pytest.approx(expected, rel=1e-8, abs=0)
+    this = torch.tensor([1] * 7 + [0] * 2 + [1] * 5)
+    baseline = torch.tensor([0] * 7 + [1] * 2 + [1] * 5)
+    assert mcnemar_p_value(this, baseline) == pytest.approx(binomtest(2, 9, 0.5).pvalue)
+    assert mcnemar_p_value(baseline, baseline) == 1.0

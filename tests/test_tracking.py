@@ -142,8 +142,12 @@ def check_report_matches_runs(sweep_dir: Path) -> None:
 @pytest.mark.slow
 def test_sweep_into_embedded_sqlite_store(runs_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    _, sweep_dir = sweep(tmp_path, runs_dir, uri)
+    result, sweep_dir = sweep(tmp_path, runs_dir, uri)
     check_sweep_was_tracked(uri, sweep_dir)
+    output = result.stdout + result.stderr
+    assert f"wrote {sweep_dir / 'comparison.md'} and {sweep_dir / 'pareto.png'}" in result.stdout
+    assert "Creating initial MLflow database tables" not in output  # MLflow's own chatter
+    assert "\N{RUNNER}" not in output and "View run" not in output
     check_report_matches_runs(sweep_dir)
     # The standard baseline (first fold, identity view, fp32) was computed once, by the standard
     # run, and served to the others from the sweep's prediction store with every other output.

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""What one small evaluation spends on imports, measured in one process on this machine.
+
+    python scripts/bench_startup.py                         # runs/digits/fold_0, a 180-image folder
+    python scripts/bench_startup.py --checkpoint CKPT --folder DIR
+
+Runs `ml-inference --checkpoint_path CKPT --data-dir DIR tracking=none` under `python -X importtime`
+`--repeats` times and prints, per run, the end-to-end wall time, the time spent importing torch and
+torchvision (with what they import), and the time spent importing everything else, listed by
+top-level package. The import times come from the same process, so their ratio holds on a busy
+machine; the wall times do not compare across runs (this machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from benchlib.output import cpu_model
+
+REPO = Path(__file__).resolve().parents[1]
+_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)")
+TORCH = ("torch", "torchvision")
+
+
+def top_level_imports(stderr: str) -> dict[str, float]:
+    """Seconds per top-level package, from the cumulative times of `-X importtime` lines at
+    the outermost level (a package imported inside another counts towards the outer one)."""
+    seconds: dict[str, float] = defaultdict(float)
+    for match in _LINE.finditer(stderr):
+        if len(match.group(3)) == 1:  # outermost: one space after the bar
+            seconds[match.group(4).split(".")[0]] += int(match.group(2)) / 1e6
+    return dict(seconds)
+
+
+def digits_folder(root: Path, per_class: int) -> Path:
+    """The bundled digits test split as PNGs, `per_class` of each class."""
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import write_digits_folder
+
+    return write_digits_folder(root, per_class=per_class)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", type=Path, default=REPO / "runs/digits/fold_0/weights/best.pt"
+    )
+    parser.add_argument("--folder", type=Path, default=None, help="default: 180 digit scans")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not args.checkpoint.is_file():
+        print(f"error: no checkpoint {args.checkpoint}; run make train first", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.folder or digits_folder(Path(scratch) / "digits", per_class=18)
+        command = [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "ml_infer.cli",
+            "--checkpoint_path",
+            str(args.checkpoint),
+            "--data-dir",
+            str(folder),
+            "tracking=none",
+        ]
+        print(f"machine: {cpu_model()}, Python {platform.python_version()}")
+        print(" ".join(command[3:]))
+        totals, torch_s, rest_s = [], [], []
+        for repeat in range(args.repeats):
+            started = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=scratch)
+            totals.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                print(done.stderr[-2000:], file=sys.stderr)
+                return 1
+            packages = top_level_imports(done.stderr)
+            torch_s.append(sum(packages.get(name, 0.0) for name in TORCH))
+            rest = {k: v for k, v in packages.items() if k not in TORCH}
+            rest_s.append(sum(rest.values()))
+            heaviest = sorted(rest.items(), key=lambda item: -item[1])[:8]
+            listed = ", ".join(f"{name} {seconds:.2f}" for name, seconds in heaviest)
+            print(
+                f"run {repeat + 1}: {totals[-1]:.2f} s end to end; imports: torch+torchvision "
+                f"{torch_s[-1]:.2f} s, the rest {rest_s[-1]:.2f} s ({listed})"
+            )
+        print(
+            f"median: {statistics.median(totals):.2f} s end to end, torch+torchvision "
+            f"{statistics.median(torch_s):.2f} s, other imports {statistics.median(rest_s):.2f} s "
+            f"(target <= 1.0 s)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
