@@ -255,7 +255,7 @@ def binomial_half_two_sided_p(k: int, n: int) -> float:
     symmetric, so it is twice the lower tail up to min(k, n - k), capped at 1; the tail is summed
     from log-probabilities, so n may be in the millions.
 
-    >>> binomial_half_two_sided_p(0, 3), binomial_half_two_sided_p(2, 4)
+    >>> round(binomial_half_two_sided_p(0, 3), 12), binomial_half_two_sided_p(2, 4)
     (0.25, 1.0)
     """
     k = min(k, n - k)

@@ -28,6 +28,8 @@ REPORT_FILES = (
     "pareto.png",
     "risk_coverage.png",
     "reliability.png",
+    "per_class_delta.csv",
+    "per_class_delta.png",
     "shift.csv",
     "shift_heatmap.png",
     "shift_severity.png",

@@ -189,44 +189,6 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
     return figure
 
 
-def plot_confusion_matrix(
-    labels: Any, preds: Any, classes: Sequence[str], path: Path, title: str
-) -> None:
-    """Counts of (true, predicted) classes as a heat map, each cell labelled."""
-    import numpy as np
-
-    plt = pyplot()
-    n = len(classes)
-    matrix = np.zeros((n, n), dtype=int)
-    np.add.at(matrix, (np.asarray(labels), np.asarray(preds)), 1)
-    size = max(4.0, 0.45 * n + 2)
-    figure, axes = plt.subplots(figsize=(size + 1, size))
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    axes.set_xticks(range(n), classes, rotation=90 if n > 10 else 0)
-    axes.set_yticks(range(n), classes)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title, fontsize=9)
-    if n <= 30:
-        threshold = matrix.max() / 2
-        for (i, j), count in np.ndenumerate(matrix):
-            if count:
-                axes.text(
-                    j,
-                    i,
-                    str(count),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if count > threshold else "black",
-                )
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def pyplot() -> Any:
     import matplotlib
 

@@ -15,11 +15,12 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor
 
+from ml_infer.confusion import plot_confusion_matrix
 from ml_infer.evaluate import Evaluation
 from ml_infer.imagesets import SkippedFile, TensorImages
 from ml_infer.outputs import atomic_write, remove_stale_results, write_json
 from ml_infer.passes import DatasetPredictions
-from ml_infer.plots import plot_confusion_matrix, plot_fixed_broken
+from ml_infer.plots import plot_fixed_broken
 from ml_infer.posthoc import PostHoc
 from ml_infer.reliability import plot_reliability
 

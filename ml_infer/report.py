@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from ml_infer.config import process_rank
 from ml_infer.errors import UserError
 from ml_infer.outputs import REPORT_FILES, failed_jobs, sweep_id_of
+from ml_infer.perclass import write_per_class_delta
 from ml_infer.plots import plot_pareto, plot_risk_coverage
 from ml_infer.reliability import plot_reliability_overlay
 from ml_infer.shiftplots import plot_shift_heatmap, plot_shift_severity
@@ -181,6 +182,7 @@ def _write_report(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     diagrams = reliability_of_runs(compared)
     if diagrams:
         plot_reliability_overlay(diagrams, out_dir / "reliability.png")
+    write_per_class_delta(out_dir, rows)
     if is_shift_sweep(rows):
         write_shift_files(out_dir, summarise(rows))
 

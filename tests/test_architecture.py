@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ml_infer"
 # From the bottom up; a module imports only from the layers before its own.
 LAYERS: list[set[str]] = [
     {"errors", "metrics", "plots", "textures", "progress"},  # leaves: nothing of ours below them
-    {"shiftplots"},
+    {"shiftplots", "confusion"},
     {"filedata", "reliability"},
     {"config", "outputs", "sweeplock"},  # base: config access, run-directory files, the lock
     {"precheck"},
@@ -45,6 +45,7 @@ LAYERS: list[set[str]] = [
     {"tracking.sync"},
     {"tracking"},
     {"sweepdir"},
+    {"perclass"},
     {"shiftreport"},
     {"report"},
     {"task"},

@@ -3,11 +3,21 @@ pixels."""
 
 from __future__ import annotations
 
+import csv
 import math
+from pathlib import Path
 
 import pytest
 
+from ml_infer import report
+from ml_infer.confusion import confusion_figure
+from ml_infer.perclass import per_class_delta_figure, per_class_deltas
 from ml_infer.plots import pareto_figure, plot_pareto, pyplot
+from ml_infer.report import collect_runs
+from ml_infer.task import run_evaluation
+
+from .conftest import compose_config
+from .test_sweeps import hand_made_metrics, make_run
 
 
 def sweep_row(job: int, label: str, accuracy: float, cost: float, iqr: float = math.nan) -> dict:
@@ -75,3 +85,133 @@ def test_forward_passes_stand_in_for_a_cost_no_run_measured(close_figures):
     assert plotted.get_xlabel() == "forward passes per image"
     assert [container.has_xerr for container in plotted.containers] == [False, False]
     assert [point[0] for point in plotted.lines[-1].get_xydata()] == [1, 10]  # the front
+
+
+def test_the_confusion_matrix_colours_shares_labels_counts_and_shows_recall(close_figures):
+    labels = [0] * 90 + [1] * 10
+    preds = [0] * 88 + [1] * 2 + [1] * 7 + [0] * 3
+    figure = confusion_figure(labels, preds, ["cat", "dog", "owl"], "tta on pets/test")
+    axes, side = figure.axes[:2]
+    assert sorted(labels_of(axes)) == sorted(["88", "2", "3", "7"])  # off-diagonal counts too
+    image = axes.images[0].get_array()
+    assert image[1, 0] == pytest.approx(0.3) and image[0, 1] == pytest.approx(2 / 90)
+    assert [bar.get_width() for bar in side.patches] == pytest.approx([88 / 90, 0.7, 0.0])
+    assert "no images" in labels_of(side)  # owl: absent from the labels
+    assert axes.get_title() == "tta on pets/test" and "recall" in side.get_xlabel()
+    assert figure.axes[-1].get_ylabel() == "share of the true class"  # the colour bar
+
+
+def test_past_30_classes_the_most_confused_pairs_are_listed(close_figures):
+    classes = [f"c{k}" for k in range(35)]
+    labels = list(range(35)) * 2 + [3] * 9
+    preds = list(range(35)) * 2 + [7] * 9
+    figure = confusion_figure(labels, preds, classes, "many classes")
+    axes, side = figure.axes[:2]
+    assert labels_of(axes) == []  # too many cells to label
+    table = side.texts[0].get_text().splitlines()
+    assert table[0].split() == ["true", "predicted", "images"] and table[1].split() == [
+        "c3",
+        "c7",
+        "9",
+    ]
+    assert side.get_title() == "the 20 most confused pairs"
+
+
+def write_predictions(run_dir: Path, right: dict[str, int], per_class: int = 10) -> None:
+    """predictions.csv with `per_class` images of each class, `right[class]` of them right."""
+    with (run_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "label", "pred"])
+        for name, hits in right.items():
+            other = next(n for n in right if n != name)
+            for k in range(per_class):
+                writer.writerow([f"{name}{k}", name, name if k < hits else other])
+
+
+def test_per_class_accuracy_change_against_standard(tmp_path, close_figures, capsys):
+    sweep = tmp_path / "sweep"
+    standard = make_run(sweep, "0_standard", hand_made_metrics("standard", 0.65, 900.0), None)
+    tta = make_run(sweep, "1_tta", hand_made_metrics("tta", 0.65, 90.0), "- strategy=tta\n")
+    broken = make_run(sweep, "2_ensemble", hand_made_metrics("ensemble", 0.7, 300.0), None)
+    write_predictions(standard, {"cat": 8, "dog": 5})
+    write_predictions(tta, {"cat": 9, "dog": 4})
+    (broken / "predictions.csv").write_bytes(b"\xff\xfe garbage")  # left out of the comparison
+    assert report.main([str(sweep)]) == 0
+    with (sweep / "per_class_delta.csv").open() as handle:
+        rows = [
+            (r["run"], r["class"], r["images"], r["accuracy_standard"], r["delta"])
+            for r in csv.DictReader(handle)
+        ]
+    assert [
+        (run, name, images, float(base), round(float(delta), 9))
+        for run, name, images, base, delta in rows
+    ] == [
+        ("strategy=tta", "cat", "10", 0.8, 0.1),
+        ("strategy=tta", "dog", "10", 0.5, -0.1),
+    ]
+    assert (sweep / "per_class_delta.png").stat().st_size > 5_000
+    assert "per_class_delta.csv, per_class_delta.png" in capsys.readouterr().out
+    figure = per_class_delta_figure(per_class_deltas(collect_runs(sweep)))
+    axes = figure.axes[0]
+    assert labels_of(axes) == ["+10.0", "-10.0"]
+    assert "against standard" in axes.get_title() and axes.get_xlabel() == "class"
+    assert figure.axes[1].get_ylabel() == "accuracy change (points)"
+
+
+def figure_titles(figure) -> str:
+    """Every title of a figure: its suptitle and each panel's."""
+    parts = [figure._suptitle.get_text()] if figure._suptitle is not None else []
+    return " | ".join(parts + [axes.get_title() for axes in figure.axes])
+
+
+@pytest.mark.slow
+def test_every_picture_of_a_run_and_a_sweep_names_what_it_shows(runs_dir, tmp_path, monkeypatch):
+    """Real runs (standard, tta with a temperature) and their sweep report: each picture exists,
+    is a real image, and its figure's titles and axis labels say what it shows."""
+    import matplotlib.pyplot as plt
+
+    drawn: dict[str, object] = {}
+    close = plt.close
+
+    def keep(figure=None):  # every picture is closed once saved: note which file it was
+        if figure is not None and not isinstance(figure, str):
+            path = Path(str(getattr(figure, "_saved_as", "?")))
+            folder = "sweep" if path.parent.name.startswith(".report-") else path.parent.name
+            drawn[f"{folder}/{path.name}"] = figure  # the report draws in a staging folder
+        close(figure)
+
+    save = plt.Figure.savefig
+
+    def saved(figure, path, *args, **kwargs):
+        figure._saved_as = path
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(plt, "close", keep)
+    monkeypatch.setattr(plt.Figure, "savefig", saved)
+    sweep = tmp_path / "sweep"
+    folds = f"ensemble.checkpoints=[{runs_dir}/fold_0/weights/best.pt]"
+    for job, strategy in enumerate(("standard", "tta")):
+        run_dir = sweep / f"{job}_{strategy}"
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- strategy={strategy}\n")
+        overrides = [f"strategy={strategy}", folds, "calibration=temperature"]
+        run_evaluation(compose_config(overrides, runs_dir=runs_dir), output_dir=run_dir)
+    report.write_comparison(sweep)
+
+    expected = {
+        "1_tta/confusion_matrix.png": ("tta", "predicted"),
+        "1_tta/fixed_broken.png": ("fixed and broken", None),
+        "1_tta/reliability.png": ("ECE", "confidence"),
+        "sweep/pareto.png": ("Accuracy vs cost", "relative cost"),
+        "sweep/risk_coverage.png": ("Risk-coverage", "coverage"),
+        "sweep/per_class_delta.png": ("against standard", "class"),
+        "sweep/reliability.png": ("on the diagonal = calibrated", "mean confidence"),
+    }
+    for name, (title, xlabel) in expected.items():
+        folder, file = name.split("/")
+        assert ((sweep if folder == "sweep" else sweep / folder) / file).stat().st_size > 10_000
+        figure = drawn[name]
+        assert title in figure_titles(figure), (name, figure_titles(figure))
+        if xlabel is not None:
+            labels = " | ".join(axes.get_xlabel() for axes in figure.axes)
+            assert xlabel in labels, (name, labels)

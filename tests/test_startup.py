@@ -48,5 +48,5 @@ def test_scoring_a_folder_imports_no_heavy_package(runs_dir, tmp_path):
     assert (tmp_path / "run" / "metrics.json").is_file()
     (line,) = [line for line in done.stdout.splitlines() if line.startswith("MODULES ")]
     modules = set(json.loads(line.removeprefix("MODULES ")))
-    assert {"torch", "torchvision", "ml_infer"} <= modules
+    assert {"torch", "ml_infer"} <= modules  # (torchvision is not needed to score a folder)
     assert modules & HEAVY == set()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ml_infer.tracking.store import _MAX_PARAM_LENGTH
+from ml_infer.tracking.store import _MAX_PARAM_LENGTH, _quiet_mlflow_env
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -84,6 +84,7 @@ def run_tags(
 def mlflow_context_tags() -> dict[str, str]:
     """The tags MLflow's fluent API gives a run it starts (user, source name and type, the
     source's git commit), from MLflow's own context providers."""
+    _quiet_mlflow_env()  # before mlflow's first import: it reads its log level then
     from mlflow.tracking.context.registry import resolve_tags
 
     return {k: str(v) for k, v in resolve_tags().items() if k.startswith("mlflow.")}

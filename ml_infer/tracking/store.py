@@ -127,9 +127,13 @@ def enabled(tracking: Any) -> bool:
 
 
 def _quiet_mlflow_env() -> None:
-    """An unreachable server should fail in seconds, not after MLflow's minutes of retries."""
+    """An unreachable server should fail in seconds, not after MLflow's minutes of retries; and
+    MLflow's own progress chatter ("Creating initial MLflow database tables...") stays out of
+    the run's output (its warnings and errors do not)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def check_reachable(uri: str) -> None:

@@ -36,6 +36,7 @@ from ml_infer.outputs import (
     sweep_id_of,
 )
 from ml_infer.plots import pareto_front
+from ml_infer.tracking.fields import mlflow_context_tags
 from ml_infer.tracking.runs import _read_parent_marker, _write_parent_marker
 from ml_infer.tracking.store import (
     _MAX_PARAM_LENGTH,
@@ -196,6 +197,7 @@ def _start_parent(tracking: TrackingSettings, sweep_dir: Path, overrides: list[s
         experiment_id,
         run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={
+            **mlflow_context_tags(),
             "sweep": "true",
             "sweep_overrides": joined[:_MAX_PARAM_LENGTH],
             "host": platform.node(),
