@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STRATEGIES ?= standard,mixed_precision,tta,ensemble,tta_ensemble
 
-.PHONY: install demo train test test-fast lint clean compare mlflow-ui textures train-textures demo-textures bench
+.PHONY: install demo train test test-fast lint clean compare mlflow-ui textures train-textures demo-textures bench screenshots
 
 install: $(STAMP)
 
@@ -46,7 +46,14 @@ compare: train
 bench: train
 	$(PY) scripts/bench.py
 
+# docs/mlflow_*.png: the MLflow UI on a short sweep, checked and photographed in headless Chromium
+# (needs Debian's chromium: apt-get install chromium).
+screenshots: train
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[docs]'
+	$(PY) scripts/mlflow_screenshots.py
+
 mlflow-ui: $(STAMP)
+	@echo "MLflow 3: open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (Model training)"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
