@@ -22,7 +22,7 @@ from torch import nn
 
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate
-from ml_infer.errors import UserError
+from ml_infer.errors import UserError, one_of
 from ml_infer.formats import CheckpointFile
 from ml_infer.inputs import InputSpec, torchvision_weights_input
 from ml_infer.models import checked_architecture, timm_input
@@ -231,6 +231,23 @@ def load_ensemble(
                 "set ensemble.allow_mixed_architectures=true if that is intended"
             )
     return members
+
+
+ENSEMBLE_MEMBERS = ("all", "first")
+
+
+def strategy_checkpoints(ensemble: Any) -> list[Path]:
+    """The checkpoints a strategy runs: every one of `ensemble.checkpoints` (globs expanded), or
+    the first alone for the single-model presets (`ensemble=single` says `members: first`), so
+    that `standard` and `tta` stay one model when the list names several."""
+    paths = expand_checkpoint_paths(ensemble.checkpoints)
+    members = ensemble.get("members", "all")
+    if members not in ENSEMBLE_MEMBERS:
+        raise one_of("ensemble.members", members, ENSEMBLE_MEMBERS)
+    if members == "first" and len(paths) > 1:
+        log.info("one model: the first of %d checkpoints, %s", len(paths), paths[0])
+        return paths[:1]
+    return paths
 
 
 def expand_checkpoint_paths(patterns: str | Path | Sequence[str | Path] | None) -> list[Path]:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor
 
 from ml_infer.aggregate import Predictions
-from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.bank import strategy_checkpoints
 from ml_infer.config import group_file
 from ml_infer.errors import UserError, one_of
 from ml_infer.evaluate import build_aggregators, build_views
@@ -135,7 +135,7 @@ def build_stages(
     """Stages over `predictor`'s prepared models (every stage's checkpoints, once each)."""
     stages = []
     for stage_cfg in configs:
-        paths = expand_checkpoint_paths(stage_cfg.ensemble.checkpoints)
+        paths = strategy_checkpoints(stage_cfg.ensemble)
         members = [member_of[str(path)] for path in paths]
         views = list(build_views(stage_cfg.tta.augmentations).names)
         part = predictor.restricted(members, views)

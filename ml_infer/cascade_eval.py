@@ -13,7 +13,7 @@ from torch import Tensor
 from ml_infer.aggregate import Predictions
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Augmentation, Views
-from ml_infer.bank import expand_checkpoint_paths
+from ml_infer.bank import strategy_checkpoints
 from ml_infer.calsplit import needs_calibration_split
 from ml_infer.cascade import (
     CascadePredictor,
@@ -45,9 +45,7 @@ def evaluate_cascade(cfg: DictConfig) -> Evaluation:
     check_posthoc_settings(cfg)
     configs = stage_configs(cfg)
     thresholds = None if settings.thresholds is None else [float(t) for t in settings.thresholds]
-    paths = list(
-        dict.fromkeys(p for c in configs for p in expand_checkpoint_paths(c.ensemble.checkpoints))
-    )
+    paths = list(dict.fromkeys(p for c in configs for p in strategy_checkpoints(c.ensemble)))
     augmentations: dict[tuple[str, ...], Augmentation] = {}  # every stage's views, once each
     for stage_cfg in configs:
         if stage_cfg.tta.get("compose", "sum") != "sum":

@@ -21,7 +21,7 @@ from torch import Tensor
 from ml_infer.aggregate import Aggregator, SoftVoting
 from ml_infer.assemble import StoreKeys, assemble, uncertainty
 from ml_infer.augment import Views
-from ml_infer.bank import Classifier, configured_input_spec, expand_checkpoint_paths, load_ensemble
+from ml_infer.bank import Classifier, configured_input_spec, load_ensemble, strategy_checkpoints
 from ml_infer.calsplit import CalibrationSplit, calibration_split, needs_calibration_split
 from ml_infer.checkpoints import open_checkpoint
 from ml_infer.config import instantiate_named, plain_dict
@@ -108,7 +108,7 @@ def evaluate(cfg: DictConfig) -> Evaluation | None:
         raise UserError("mode=predict needs predict.root=DIR, a folder of images")
     check_settings(cfg)
     views = build_views(cfg.tta.augmentations, cfg.tta.get("compose", "sum"))
-    checkpoint_paths = expand_checkpoint_paths(cfg.ensemble.checkpoints)
+    checkpoint_paths = strategy_checkpoints(cfg.ensemble)
     view_aggregator, model_aggregator = build_aggregators(cfg, len(checkpoint_paths))
     runner = build_runner(strategy.runner, cfg.device)
     autocast_dtype = resolve_autocast_dtype(

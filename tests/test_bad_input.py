@@ -355,6 +355,9 @@ class Scenarios:
         first.rename(root / "cat" / first.name)
         return self.imagefolder(root)
 
+    def unknown_ensemble_members_choice(self) -> Case:
+        return self.evaluate("ensemble.members=some")
+
     def unknown_unknown_classes_choice(self) -> Case:
         root = self.digit_folder(self.tmp / "digits")
         return self.imagefolder(root, "data.unknown_classes=ignore")

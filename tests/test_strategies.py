@@ -96,3 +96,27 @@ def test_use_ema_loads_the_ema_weights(runs_dir, tmp_path):
     )
     assert raw["weights"] == ["raw"] and ema["weights"] == ["ema"]
     assert raw["nll"] != ema["nll"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "models"),
+    [("standard", 1), ("tta", 1), ("mixed_precision", 1), ("ensemble", 2), ("tta_ensemble", 2)],
+)
+def test_single_model_strategies_run_the_first_of_several_checkpoints(
+    strategy, models, runs_dir, fold_paths, tmp_path
+):
+    """One list for every strategy of a sweep: `standard`, `tta` and `mixed_precision` stay one
+    model (the first checkpoint), the ensembles take them all."""
+    listed = f"ensemble.checkpoints=[{fold_paths[1]},{fold_paths[0]}]"
+    config = compose_config([f"strategy={strategy}", listed], runs_dir=runs_dir)
+    metrics = run_evaluation(config, output_dir=tmp_path / "run")
+    assert metrics["models"] == models
+    assert metrics["checkpoints"] == [str(p) for p in (fold_paths[1], fold_paths[0])[:models]]
+
+
+def test_an_unknown_members_choice_names_the_valid_ones(runs_dir, tmp_path):
+    from ml_infer.errors import UserError
+
+    config = compose_config(["ensemble.members=some"], runs_dir=runs_dir)
+    with pytest.raises(UserError, match="unknown ensemble.members 'some'; valid: all, first"):
+        run_evaluation(config, output_dir=tmp_path / "run")
