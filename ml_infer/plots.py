@@ -49,10 +49,11 @@ def job_number(row: dict[str, Any], position: int) -> int:
 
 
 def _label_lifts(costs: Sequence[float], accuracies: Sequence[float]) -> list[int]:
-    """For each point, how many earlier points lie so close (on the log cost axis and within 4%
-    of the accuracy range) that its label must go one line lower for each.
+    """For each point, how many earlier points lie so close (within 0.35 decades of cost, about
+    a label's width on the log axis, and 4% of the accuracy range) that its label must go one
+    line lower for each.
 
-    >>> _label_lifts([1.0, 1.05, 10.0, 1.1, 1.0], [0.9, 0.9, 0.9, 0.901, 0.5])
+    >>> _label_lifts([1.0, 0.72, 10.0, 1.1, 1.0], [0.9, 0.9, 0.9, 0.901, 0.5])
     [0, 1, 0, 2, 0]
     """
     spread = (max(accuracies) - min(accuracies)) or 1.0
@@ -60,7 +61,7 @@ def _label_lifts(costs: Sequence[float], accuracies: Sequence[float]) -> list[in
     for i, (cost, accuracy) in enumerate(zip(costs, accuracies)):
         lifts.append(
             sum(
-                abs(math.log10(cost / costs[j])) < 0.12
+                abs(math.log10(cost / costs[j])) < 0.35
                 and abs(accuracy - accuracies[j]) < 0.04 * spread
                 for j in range(i)
             )
