@@ -253,6 +253,11 @@ def _main() -> None:
     try:
         start_sweep(sweep_dir, sweep_id)
         _run_hydra()
+    except Interrupted:
+        from ml_infer.tracking.sweep import end_interrupted_parent
+
+        end_interrupted_parent(sweep_dir)
+        raise
     finally:
         release_sweep_lock(lock)
     if failed_jobs(sweep_dir, sweep_id):

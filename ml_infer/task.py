@@ -1,6 +1,6 @@
 """The task behind `python -m ml_infer`: evaluate a strategy, write its files, log it.
 
-    compose (Hydra) -> evaluate -> record -> track
+    compose (Hydra) -> start the MLflow run -> evaluate -> record -> log and end the MLflow run
 
 `run_evaluation(cfg, output_dir)` is that flow as a plain function, for tests and notebooks.
 """
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from ml_infer.errors import UserError
 from ml_infer.evaluate import Evaluation, evaluate
 from ml_infer.record import write_run
-from ml_infer.tracking import TrackingFailed, log_evaluation, preflight
+from ml_infer.tracking import LiveRun, TrackingFailed, log_evaluation, preflight
 
 
 class NotLogged(UserError):
@@ -35,22 +35,30 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
     if cfg.get("tracking") is not None and cfg.tracking.get("required", False):
         preflight(cfg.tracking)  # a store that cannot be used fails the run before any work
     started_at = _now()
-    evaluation: Evaluation | None
-    if cfg.get("cascade") is not None:
-        from ml_infer.cascade_eval import evaluate_cascade
-
-        evaluation = evaluate_cascade(cfg)
-    else:
-        evaluation = evaluate(cfg)
-    if evaluation is None:
-        return {}
-    evaluation.metrics |= {"started_at": started_at, "ended_at": _now()}  # the MLflow run's span
-    write_run(evaluation, run_dir)
+    live = LiveRun.start(cfg, run_dir, started_at)  # RUNNING in MLflow from now
     try:
-        log_evaluation(cfg, evaluation.metrics, run_dir)
+        evaluation = _evaluate(cfg)
+        if evaluation is None:
+            return {}
+        evaluation.metrics |= {"started_at": started_at, "ended_at": _now()}  # the run's span
+        write_run(evaluation, run_dir)
+    except BaseException as error:
+        if live is not None:
+            live.stopped(error)  # FAILED, or KILLED by a signal
+        raise
+    try:
+        log_evaluation(cfg, evaluation.metrics, run_dir, live)
     except TrackingFailed as error:
         raise NotLogged(str(error)) from None
     return evaluation.metrics
+
+
+def _evaluate(cfg: DictConfig) -> Evaluation | None:
+    if cfg.get("cascade") is not None:
+        from ml_infer.cascade_eval import evaluate_cascade
+
+        return evaluate_cascade(cfg)
+    return evaluate(cfg)
 
 
 def hydra_run_dir() -> Path:

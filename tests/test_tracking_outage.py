@@ -79,7 +79,7 @@ def test_a_corrupt_store_costs_one_warning_line(runs_dir, tmp_path):
     output = result.stdout + result.stderr
     mentions = [line for line in output.splitlines() if "corrupt.db" in line]
     assert mentions == [
-        f"[WARNING] MLflow tracking to {uri} failed while logging the run: "
+        f"[WARNING] MLflow tracking to {uri} failed while starting the run: "
         "(sqlite3.DatabaseError) file is not a database; results are in the run directory only"
     ]
     assert not any(noise in output for noise in THIRD_PARTY_NOISE), output[-3000:]

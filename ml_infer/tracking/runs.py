@@ -1,6 +1,10 @@
 """One evaluated strategy as one MLflow run (its fields: tracking.fields), its artifacts, and a
 marker in its run directory saying whether it reached MLflow (`mlflow_run.json`) or why not
 (`mlflow_pending.json`, which `--sync` reads to log it later).
+
+The run is live: `LiveRun.start` creates it RUNNING when the evaluation starts, `log_evaluation`
+fills it and ends it FINISHED, and `LiveRun.stopped` ends it FAILED or KILLED when the
+evaluation does not finish.
 """
 
 from __future__ import annotations
@@ -8,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from ml_infer.config import plain_dict, run_label
+from ml_infer.config import plain_dict, process_rank, run_label
+from ml_infer.errors import Interrupted, UserError, brief, received_interrupt
 from ml_infer.filedata import read_json_object
 from ml_infer.outputs import (
     MLFLOW_PENDING_FILE,
@@ -32,6 +38,7 @@ from ml_infer.tracking.fields import (
     run_tags,
 )
 from ml_infer.tracking.store import (
+    _MAX_PARAM_LENGTH,
     PARENT_RUN_FILE,
     TrackingSettings,
     _client,
@@ -100,22 +107,90 @@ class RunRecord:
         )
 
 
-def log_evaluation(cfg: DictConfig, metrics: Mapping[str, Any], run_dir: Path) -> str | None:
-    """Logs one evaluated strategy as an MLflow run (nested under the sweep's parent run, if any).
+@dataclass
+class LiveRun:
+    """The MLflow run of an evaluation in progress: RUNNING from its start, so that the UI shows
+    it. `run_id` is None when the store failed at the start (`start_error`): the run is then
+    logged by `--sync`, as one whose store failed at its end."""
+
+    tracking: TrackingSettings
+    run_id: str | None = None
+    start_error: Exception | None = None
+
+    @classmethod
+    def start(cls, cfg: DictConfig, run_dir: Path, started_at: str) -> LiveRun | None:
+        """Creates the run, tagged with what is known before the evaluation (strategy, data,
+        source, user, the sweep's parent); None when tracking is off, and on the helper
+        processes of a multi-process run (rank 0 logs). A store that fails is one warning, or
+        TrackingFailed when tracking is required (before any work)."""
+        tracking = TrackingSettings.of(cfg.get("tracking"))
+        if tracking is None or process_rank() > 0:
+            return None
+        live = cls(tracking)
+        tags = mlflow_context_tags() | {
+            "strategy": str(cfg.strategy.name),
+            "data": f"{cfg.data.name}/{cfg.data.get('split')}",
+            "run_dir": str(run_dir.resolve()),
+        }
+        if overrides := _job_overrides():
+            tags["overrides"] = overrides[:_MAX_PARAM_LENGTH]
+        if parent := _parent_run_id():
+            tags["mlflow.parentRunId"] = parent
+        try:
+            client = _client(tracking)
+            run = _patiently(
+                client.create_run,
+                _experiment_id(client, tracking),
+                start_time=_epoch_ms(started_at),
+                tags=tags,
+                run_name=tracking.run_name,
+            )
+            live.run_id = run.info.run_id
+        except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
+            live.start_error = error
+            _report_failure(tracking, "starting the run", error)
+        return live
+
+    def stopped(self, error: BaseException) -> None:
+        """Ends the run KILLED (a signal, Ctrl-C) or FAILED (anything else), its `error` tag
+        saying why. Quietly: the error that stopped the evaluation is what the user hears of."""
+        if self.run_id is None:
+            return
+        killed = isinstance(error, KeyboardInterrupt) or received_interrupt() is not None
+        if isinstance(error, Interrupted):
+            why = f"interrupted by {error.signal_name}"
+        elif isinstance(error, UserError):
+            why = str(error)
+        else:
+            why = f"{type(error).__name__}: {error}"
+        with contextlib.suppress(Exception):
+            client = _client(self.tracking)
+            client.set_tag(self.run_id, "error", brief(why, _MAX_PARAM_LENGTH))
+            client.set_terminated(self.run_id, "KILLED" if killed else "FAILED")
+
+
+def log_evaluation(
+    cfg: DictConfig, metrics: Mapping[str, Any], run_dir: Path, live: LiveRun | None = None
+) -> str | None:
+    """Logs one evaluated strategy into its MLflow run (`live`'s, or one made now), nested under
+    the sweep's parent run, if any, and ends it FINISHED.
 
     Returns the run id, or None when tracking is off or failed (and was not required). The run
     directory records the outcome: `mlflow_run.json` (the run id), or `mlflow_pending.json` (why
     not, and the tags to log later with `python -m ml_infer.report SWEEP_DIR --sync`).
     """
-    tracking = TrackingSettings.of(cfg.get("tracking"))
+    tracking = live.tracking if live is not None else TrackingSettings.of(cfg.get("tracking"))
     if tracking is None:
         return None
     config = plain_dict(cfg)
     tags = mlflow_context_tags() | run_tags(metrics, _job_overrides())
     record = RunRecord.assemble(run_dir, config, metrics, tags, _parent_run_id())
+    if live is not None and live.start_error is not None:  # already warned of, at the start
+        _mark_pending(tracking, record, live.start_error, None)
+        return None
     created: dict[str, str] = {}
     try:
-        run_id = _log_run(tracking, record, created)
+        run_id = _log_run(tracking, record, created, live.run_id if live else None)
     except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         _mark_pending(tracking, record, error, created.get("run_id"))
         _report_failure(tracking, "logging the run", error)
@@ -166,35 +241,47 @@ def _mark_pending(
     )
 
 
-def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, str]) -> str:
-    """Creates the MLflow run of `record` and logs everything into it; `created["run_id"]` names
-    the run as soon as it exists, so that a run the store failed midway can be cleaned up."""
-    import time
-
-    from mlflow.entities import Metric, Param
+def _log_run(
+    tracking: TrackingSettings,
+    record: RunRecord,
+    created: dict[str, str],
+    run_id: str | None = None,
+) -> str:
+    """Logs everything of `record` into the MLflow run `run_id` (created now when None) and
+    ends it FINISHED; `created["run_id"]` names the run as soon as it exists, so that a run the
+    store failed midway can be cleaned up."""
+    from mlflow.entities import Metric, Param, RunTag
 
     client = _client(tracking)
-    experiment_id = _experiment_id(client, tracking)
     started, ended = record.span_ms
-    run = client.create_run(
-        experiment_id, start_time=started, tags=record.tags, run_name=tracking.run_name
-    )
-    run_id = created["run_id"] = run.info.run_id
+    tags = [RunTag(k, v) for k, v in record.tags.items()] if run_id else []
+    if run_id is None:
+        run = _patiently(
+            client.create_run,
+            _experiment_id(client, tracking),
+            start_time=started,
+            tags=record.tags,
+            run_name=tracking.run_name,
+        )
+        run_id = run.info.run_id
+    created["run_id"] = run_id
     try:
         if record.dataset is not None:
-            client.log_inputs(run_id, [_mlflow_dataset(record.dataset)])
+            _patiently(client.log_inputs, run_id, [_mlflow_dataset(record.dataset)])
         now = int(time.time() * 1000)
         param_list = [Param(k, v) for k, v in record.params.items()]
         metric_list = [Metric(k, v, now, 0) for k, v in record.metrics.items()]
-        for start in range(0, max(len(param_list), len(metric_list)), 100):
-            client.log_batch(
+        for start in range(0, max(len(param_list), len(metric_list), len(tags)), 100):
+            _patiently(
+                client.log_batch,
                 run_id,
                 metrics=metric_list[start : start + 100],
                 params=param_list[start : start + 100],
+                tags=tags[start : start + 100],
             )
         for artifact in record.artifacts:
             client.log_artifact(run_id, str(artifact))
-        client.set_terminated(run_id, "FINISHED", end_time=ended)
+        _patiently(client.set_terminated, run_id, "FINISHED", end_time=ended)
     except Exception:
         # the store may be gone: the original failure is what to report
         with contextlib.suppress(Exception):
@@ -204,6 +291,20 @@ def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, s
         "logged MLflow run %s to %s (experiment %r)", run_id, tracking.uri, tracking.experiment
     )
     return run_id
+
+
+def _patiently(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call`, tried again while a sqlite store answers "database is locked": the jobs of a
+    parallel launcher write one sqlite file at once, and sqlite waits only 5 s for its lock."""
+    for wait_s in (0.5, 1.0, 2.0, 4.0, 8.0):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if "database is locked" not in str(error):
+                raise
+            log.info("the tracking store is locked by another process; trying again")
+            time.sleep(wait_s)
+    return call(*args, **kwargs)
 
 
 def _epoch_ms(timestamp: Any) -> int | None:

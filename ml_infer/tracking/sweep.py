@@ -9,6 +9,7 @@ missed logging (the summary line then says how to log those runs later).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -43,6 +44,7 @@ from ml_infer.tracking.store import (
     PARENT_RUN_FILE,
     TrackingFailed,
     TrackingSettings,
+    _absolute_uri,
     _client,
     _experiment_id,
     error_text,
@@ -186,6 +188,20 @@ class MLflowSweep(Callback):
                 marker["closed"] = True
             _write_parent_marker(sweep_dir, marker)
         return summary
+
+
+def end_interrupted_parent(sweep_dir: Path) -> None:
+    """A sweep stopped by a signal: its parent run ends KILLED. Quietly: the signal is what the
+    user hears of, and a store that does not answer leaves the parent for `--sync` to close."""
+    marker = _read_parent_marker(sweep_dir)
+    if marker is None or marker.get("closed") or marker.get("sweep_id") != sweep_id_of(sweep_dir):
+        return
+    uri = _absolute_uri(str(marker.get("uri")), marker.get("cwd"))
+    with contextlib.suppress(Exception):
+        _client(TrackingSettings(uri, str(marker.get("experiment")))).set_terminated(
+            marker["run_id"], "KILLED"
+        )
+        _write_parent_marker(sweep_dir, marker | {"status": "KILLED", "closed": True})
 
 
 def _start_parent(tracking: TrackingSettings, sweep_dir: Path, overrides: list[str]) -> str:
