@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,23 @@ def data_identity(dataset: Any) -> str:
     if data is not None:
         return str(data)
     images = getattr(dataset, "images", None)
-    return tensor_digest(images) if isinstance(images, Tensor) else f"unkeyed:{id(dataset)}"
+    if not isinstance(images, Tensor):
+        return f"unkeyed:{id(dataset)}"
+    # a run asks twice (its store keys, its metrics.json): hash the pixels once, again only
+    # after they were changed in place (torch counts that in `_version`)
+    held, version, digest = _IMAGE_DIGESTS.get(id(images), (None, None, ""))
+    if held is None or held() is not images or version != images._version:
+        digest = tensor_digest(images)
+
+        def forget(_: Any, key: int = id(images)) -> None:
+            _IMAGE_DIGESTS.pop(key, None)
+
+        _IMAGE_DIGESTS[id(images)] = (weakref.ref(images, forget), images._version, digest)
+    return digest
+
+
+# id of an image tensor -> (the tensor, weakly; its version when hashed; the digest)
+_IMAGE_DIGESTS: dict[int, tuple[Any, int, str]] = {}
 
 
 def tensor_digest(tensor: Tensor) -> str:

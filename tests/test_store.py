@@ -275,3 +275,23 @@ def test_a_float16_store_halves_the_entries_and_keeps_the_predictions(runs_dir, 
     assert len(entries) == 10 and all(np.load(e).dtype == np.float16 for e in entries)
     agree = sum(a[2] == b[2] for a, b in zip(served_rows, full_rows)) / len(full_rows)
     assert agree >= 0.99 and served["accuracy"] == pytest.approx(full["accuracy"], abs=0.01)
+
+
+def test_the_images_are_hashed_once_and_again_after_an_in_place_change(monkeypatch):
+    """A run asks for its data's identity twice (store keys, metrics.json): the second answer
+    comes without hashing, and pixels changed in place are hashed again."""
+    import ml_infer.store as store
+
+    class Held:
+        images = torch.rand(50, 1, 8, 8)
+
+    held = Held()
+    first = store.data_identity(held)
+    assert first == store.tensor_digest(held.images)
+    hashed = []
+    real_digest = store.tensor_digest
+    monkeypatch.setattr(store, "tensor_digest", lambda t: hashed.append(1) or real_digest(t))
+    assert store.data_identity(held) == first and not hashed
+    held.images.mul_(0.5)  # e.g. a corruption applied in place
+    changed = store.data_identity(held)
+    assert hashed == [1] and changed != first and changed == real_digest(held.images)
