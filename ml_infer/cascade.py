@@ -228,7 +228,9 @@ class CascadePredictor:
     ) -> None:
         self.every, self.stages = every, list(stages)
         self.thresholds, self.signal = list(thresholds), signal
-        self.device = every.device
+        self.device, self.engine = every.device, every.engine
+        # every image's; later stages add passes for the images that reach them
+        self.forward_passes_per_image = len(self.stages[0].pairs)
         # What each stage computes is fixed by the stages: its passes are prepared once.
         self.passes: list[list[tuple[list[int], tuple[str, ...], Predictor]]] = []
         done: dict[Pair, None] = {}

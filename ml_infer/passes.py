@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ml_infer.device import BatchTimer, prefetched, synchronize
 from ml_infer.errors import UserError, raise_if_interrupted
-from ml_infer.predictor import EngineSettings, Predictor
+from ml_infer.predictor import Predictor
 from ml_infer.progress import Progress
 
 
@@ -138,9 +138,9 @@ def _timed_pass(
     bar = Progress(
         "forward passes",
         None,
-        passes_per_unit=getattr(predictor, "forward_passes_per_image", 1),  # a cascade's varies
+        passes_per_unit=predictor.forward_passes_per_image,
         show=progress,
-        every_s=_engine_of(predictor).progress_every_s,
+        every_s=predictor.engine.progress_every_s,
     )
     timer = BatchTimer(device)
     kept = []
@@ -304,8 +304,8 @@ def time_strategy(
         "timing (the strategy beside standard)" if standard else "timing",
         rounds,
         unit="rounds",
-        show=progress and _engine_of(strategy).progress,
-        every_s=_engine_of(strategy).progress_every_s,
+        show=progress and strategy.engine.progress,
+        every_s=strategy.engine.progress_every_s,
     ) as bar:
         bar.update(1)
         for index in range(1, rounds):
@@ -326,14 +326,6 @@ def time_strategy(
         peak_memory_mb=memory.peak_mb(),
         peak_memory_kind=memory.kind,
     )
-
-
-def _engine_of(predictor: Any) -> EngineSettings:
-    """A predictor's engine settings; a cascade's are those of the predictor it runs stages of."""
-    engine = getattr(predictor, "engine", None) or getattr(
-        getattr(predictor, "every", None), "engine", None
-    )
-    return engine if isinstance(engine, EngineSettings) else EngineSettings()
 
 
 def _counted(batches: Iterable[Any], sizes: list[int]) -> Iterable[Any]:
