@@ -288,3 +288,20 @@ def scored_resnet18(
     metrics = run_evaluation(config, output_dir=tmp_path / "run")
     with (tmp_path / "run" / "predictions.csv").open(newline="") as handle:
         return model, metrics, list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[Path, Any]:
+    """Every matplotlib figure saved while the test runs, by the path it was saved to: what a
+    picture shows is read from its objects (titles, axes), not from its pixels."""
+    from matplotlib.figure import Figure
+
+    saved: dict[Path, Any] = {}
+    save = Figure.savefig
+
+    def recording(figure: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        saved[Path(str(path))] = figure
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    return saved

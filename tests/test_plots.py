@@ -165,29 +165,9 @@ def figure_titles(figure) -> str:
 
 
 @pytest.mark.slow
-def test_every_picture_of_a_run_and_a_sweep_names_what_it_shows(runs_dir, tmp_path, monkeypatch):
+def test_every_picture_of_a_run_and_a_sweep_names_what_it_shows(runs_dir, tmp_path, saved_figures):
     """Real runs (standard, tta with a temperature) and their sweep report: each picture exists,
     is a real image, and its figure's titles and axis labels say what it shows."""
-    import matplotlib.pyplot as plt
-
-    drawn: dict[str, object] = {}
-    close = plt.close
-
-    def keep(figure=None):  # every picture is closed once saved: note which file it was
-        if figure is not None and not isinstance(figure, str):
-            path = Path(str(getattr(figure, "_saved_as", "?")))
-            folder = "sweep" if path.parent.name.startswith(".report-") else path.parent.name
-            drawn[f"{folder}/{path.name}"] = figure  # the report draws in a staging folder
-        close(figure)
-
-    save = plt.Figure.savefig
-
-    def saved(figure, path, *args, **kwargs):
-        figure._saved_as = path
-        return save(figure, path, *args, **kwargs)
-
-    monkeypatch.setattr(plt, "close", keep)
-    monkeypatch.setattr(plt.Figure, "savefig", saved)
     sweep = tmp_path / "sweep"
     folds = f"ensemble.checkpoints=[{runs_dir}/fold_0/weights/best.pt]"
     for job, strategy in enumerate(("standard", "tta")):
@@ -197,6 +177,10 @@ def test_every_picture_of_a_run_and_a_sweep_names_what_it_shows(runs_dir, tmp_pa
         overrides = [f"strategy={strategy}", folds, "calibration=temperature"]
         run_evaluation(compose_config(overrides, runs_dir=runs_dir), output_dir=run_dir)
     report.write_comparison(sweep)
+    drawn = {  # the report draws in a staging folder, then moves its files in
+        f"{'sweep' if p.parent.name.startswith('.report-') else p.parent.name}/{p.name}": figure
+        for p, figure in saved_figures.items()
+    }
 
     expected = {
         "1_tta/confusion_matrix.png": ("tta", "predicted"),

@@ -119,16 +119,11 @@ def test_the_sweep_report_skips_a_shifted_run_without_its_severity(tmp_path, cap
     assert (tmp_path / "shift.csv").read_text().count("\n") == 2  # header + the blur cell
 
 
-def test_the_shift_pictures_name_what_they_show(tmp_path, monkeypatch):
+def test_the_shift_pictures_name_what_they_show(tmp_path, saved_figures):
     """shift_heatmap.png and shift_severity.png: real image files whose titles and axes say
     what they plot (read from matplotlib's objects, not pixels)."""
-    import matplotlib.pyplot as plt
-
     from ml_infer.shiftplots import plot_shift_heatmap, plot_shift_severity
 
-    drawn = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda figure=None: (drawn.append(figure), close(figure)))
     rows = [
         run(tmp_path, "s0", "standard", "none", 0, [True, True, True, True]),
         run(tmp_path, "s1", "standard", "blur", 1, [True, True, False, False]),
@@ -140,7 +135,9 @@ def test_the_shift_pictures_name_what_they_show(tmp_path, monkeypatch):
     plot_shift_severity(summary, tmp_path / "shift_severity.png")
     for name in ("shift_heatmap.png", "shift_severity.png"):
         assert (tmp_path / name).stat().st_size > 5_000, name
-    heatmap, severity = drawn
+    heatmap, severity = (
+        saved_figures[tmp_path / f"shift_{k}.png"] for k in ("heatmap", "severity")
+    )
     (axes,) = [a for a in heatmap.axes if a.get_title()]
     assert "accuracy change vs standard" in axes.get_title()
     assert (axes.get_xlabel(), axes.get_ylabel()) == ("corruption", "strategy")
