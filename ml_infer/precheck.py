@@ -126,15 +126,19 @@ def check_command_line(argv: Sequence[str], config_name: str = "config") -> Comm
         ]
         return _compose(config_name, lines)
 
-    groups_only = composed([o for o in parsed if is_group(o)])
-    for override in parsed:
-        if is_group(override) or override.is_add() or override.is_delete():
-            continue
-        line = str(override.input_line)
-        if line.startswith("++") or override.key_or_group.split(".")[0] in unexpanded:
-            continue
-        _check_key(groups_only, override.key_or_group, line)
-    cfg = composed(parsed)
+    try:
+        cfg = composed(parsed)
+    except UserError:
+        # Hydra's message for a misspelt key names no valid one: find the key and say which
+        groups_only = composed([o for o in parsed if is_group(o)])
+        for override in parsed:
+            if is_group(override) or override.is_add() or override.is_delete():
+                continue
+            line = str(override.input_line)
+            if line.startswith("++") or override.key_or_group.split(".")[0] in unexpanded:
+                continue
+            _check_key(groups_only, override.key_or_group, line)
+        raise
     multirun = bool(flags) or str(cfg.hydra.mode).endswith("MULTIRUN")
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if sweeps and not multirun:
