@@ -4,12 +4,18 @@
     python scripts/bench_startup.py                         # runs/digits/fold_0, a 180-image folder
     python scripts/bench_startup.py --checkpoint CKPT --folder DIR
 
-Runs `ml-inference --checkpoint_path CKPT --data-dir DIR tracking=none` under `python -X importtime`
-`--repeats` times and prints, per run, the end-to-end wall time, the time spent importing torch and
+Runs `ml-inference --checkpoint_path CKPT --data-dir DIR tracking=none` `--repeats` times (and once
+more each time under `python -X importtime`, which slows it) and prints, per run, the end-to-end
+wall time, the time spent importing torch and
 torchvision (with the packages `import torch, torchvision` itself imports), and the time spent
 importing everything else, listed by top-level package. The import times come from the same
 process, so their ratio holds on a busy machine; the wall times do not compare across runs (this
 machine is shared).
+
+Beside each run, by turns first or second, it runs `benchlib/plain_reference.py` on the same
+checkpoint and folder: plain PyTorch that loads the checkpoint, decodes the folder with
+torchvision and counts the right answers (the least a seed-style CLI does). The ratio of the two
+end-to-end times, per pair of runs, is the figure to quote.
 """
 
 from __future__ import annotations
@@ -62,20 +68,12 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.folder or digits_folder(Path(scratch) / "digits", per_class=18)
-        command = [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "ml_infer.cli",
-            "--checkpoint_path",
-            str(args.checkpoint),
-            "--data-dir",
-            str(folder),
-            "tracking=none",
-        ]
+        ours = [sys.executable, "-m", "ml_infer.cli", "--checkpoint_path", str(args.checkpoint)]
+        ours += ["--data-dir", str(folder), "tracking=none"]
+        reference = [sys.executable, str(REPO / "scripts/benchlib/plain_reference.py")]
+        reference += [str(args.checkpoint), str(folder)]
         print(f"machine: {cpu_model()}, Python {platform.python_version()}")
-        print(" ".join(command[3:]))
+        print(" ".join(ours[1:]))
         # what `import torch, torchvision` pulls in (numpy, sympy, ...) counts as theirs
         bare = subprocess.run(
             [sys.executable, "-X", "importtime", "-c", "import torch, torchvision"],
@@ -83,28 +81,40 @@ def main() -> int:
             text=True,
         )
         torch_packages = set(top_level_imports(bare.stderr)) | set(TORCH)
-        totals, torch_s, rest_s = [], [], []
-        for repeat in range(args.repeats):
+
+        def timed(command: list[str]) -> tuple[float, str]:
             started = time.perf_counter()
             done = subprocess.run(command, capture_output=True, text=True, cwd=scratch)
-            totals.append(time.perf_counter() - started)
             if done.returncode != 0:
-                print(done.stderr[-2000:], file=sys.stderr)
-                return 1
-            packages = top_level_imports(done.stderr)
+                raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+            return time.perf_counter() - started, done.stderr
+
+        totals, ratios, torch_s, rest_s = [], [], [], []
+        for repeat in range(args.repeats):
+            # the pair by turns first or second, so that a slow spell moves both
+            pair = {"ours": ours, "reference": reference}
+            order = list(pair) if repeat % 2 == 0 else list(pair)[::-1]
+            seconds = {which: timed(pair[which])[0] for which in order}
+            totals.append(seconds["ours"])
+            ratios.append(seconds["ours"] / seconds["reference"])
+            _, stderr = timed([ours[0], "-X", "importtime", *ours[1:]])  # inflated: imports only
+            packages = top_level_imports(stderr)
             torch_s.append(sum(v for k, v in packages.items() if k in torch_packages))
             rest = {k: v for k, v in packages.items() if k not in torch_packages}
             rest_s.append(sum(rest.values()))
             heaviest = sorted(rest.items(), key=lambda item: -item[1])[:8]
             listed = ", ".join(f"{name} {seconds:.2f}" for name, seconds in heaviest)
             print(
-                f"run {repeat + 1}: {totals[-1]:.2f} s end to end; imports: torch, torchvision "
-                f"and what they import {torch_s[-1]:.2f} s, the rest {rest_s[-1]:.2f} s ({listed})"
+                f"run {repeat + 1}: {totals[-1]:.2f} s end to end, {ratios[-1]:.2f}x the "
+                f"plain-PyTorch reference ({seconds['reference']:.2f} s); imports: torch, "
+                f"torchvision and what they import {torch_s[-1]:.2f} s, the rest "
+                f"{rest_s[-1]:.2f} s ({listed})"
             )
         print(
-            f"median: {statistics.median(totals):.2f} s end to end, torch and torchvision "
-            f"{statistics.median(torch_s):.2f} s, other imports {statistics.median(rest_s):.2f} s "
-            f"(target <= 1.0 s)"
+            f"median: {statistics.median(totals):.2f} s end to end, "
+            f"{statistics.median(ratios):.2f}x the reference (range {min(ratios):.2f}-"
+            f"{max(ratios):.2f}); torch and torchvision {statistics.median(torch_s):.2f} s, other "
+            f"imports {statistics.median(rest_s):.2f} s (target <= 1.0 s)"
         )
     return 0
 
