@@ -18,6 +18,7 @@ the compare view of the three runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def serve(store: Path, port: int) -> subprocess.Popen:
 def photograph(base: str, out: Path, chromium: str) -> list[str]:
     """Drives the UI; returns what it could not find (empty: all checks passed)."""
     from mlflow.tracking import MlflowClient
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     experiment_id = MlflowClient(base).get_experiment_by_name("ml_infer-digits").experiment_id
@@ -100,23 +102,24 @@ def photograph(base: str, out: Path, chromium: str) -> list[str]:
         browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1700, "height": 760})
         page.goto(f"{base}/#/experiments/{experiment_id}/runs?{MODEL_TRAINING}")
-        page.wait_for_timeout(3000)
+        page.get_by_text("sweep 20").first.wait_for()  # the runs table has loaded
         close = page.get_by_role("button", name="Close")  # the assistant panel
         if close.count():
             close.first.click()
         page.get_by_role("button", name="Columns", exact=True).click()
-        page.wait_for_timeout(1000)  # the menu lists the metrics once it has read them
         menu = page.locator("[role=dialog], [role=menu], [role=listbox]").filter(
             has_text="Metrics ("
         )
-        for name in COLUMNS:
+        for name in COLUMNS:  # each waited for: the menu lists the metrics once it read them
             menu.get_by_text(name, exact=True).first.click()
-            page.wait_for_timeout(200)
         page.keyboard.press("Escape")
         parent = page.get_by_text("sweep 20").first
         parent.locator("xpath=ancestor::*[@role='gridcell'][1]").locator("button").first.click()
-        page.wait_for_timeout(1500)
-        table = page.locator(".ag-root").first.inner_text()
+        grid = page.locator(".ag-root").first
+        with contextlib.suppress(PlaywrightTimeout):  # a run that never shows is reported below
+            for name in STRATEGIES:
+                grid.get_by_text(name, exact=True).first.wait_for(timeout=15_000)
+        table = grid.inner_text()
         missing += [f"column {name}" for name in COLUMNS if name not in table]
         missing += [f"run {name}" for name in STRATEGIES if f"\n{name}\n" not in f"\n{table}\n"]
         page.screenshot(path=str(out / "mlflow_runs.png"))
@@ -127,9 +130,12 @@ def photograph(base: str, out: Path, chromium: str) -> list[str]:
         compare = page.get_by_role("button", name="Compare", exact=True)
         if compare.count():
             compare.first.click()
-            page.wait_for_timeout(1000)
+            page.wait_for_url("**/compare-runs**")
             page.goto(f"{page.url}&{MODEL_TRAINING}")  # the mode is in the address, not kept
-            page.wait_for_timeout(3000)
+            try:
+                page.get_by_text("Parallel Coordinates").first.wait_for()
+            except PlaywrightTimeout:
+                missing.append("the compare view's parallel coordinates")
             page.screenshot(path=str(out / "mlflow_compare.png"))
         else:
             missing.append("the Compare button")
@@ -138,7 +144,8 @@ def photograph(base: str, out: Path, chromium: str) -> list[str]:
             [experiment_id], filter_string="params.`strategy.name` = 'tta'"
         )
         page.goto(f"{base}/#/experiments/{experiment_id}/runs/{tta.info.run_id}?{MODEL_TRAINING}")
-        page.wait_for_timeout(3000)
+        with contextlib.suppress(PlaywrightTimeout):  # what is missing is reported below
+            page.get_by_text("digits/test").first.wait_for()
         run_page = page.locator("body").inner_text()
         missing += [
             f"run page {word}" for word in ("accuracy", "digits/test") if word not in run_page
