@@ -22,6 +22,7 @@ from ml_infer.errors import (
     exit_with,
     raise_if_interrupted,
     received_interrupt,
+    run_as_command,
     stop_on_signals,
 )
 from ml_infer.outputs import (
@@ -273,4 +274,4 @@ def _run_hydra() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_as_command(main)

@@ -272,5 +272,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def command() -> None:
+    """The `ml-inference` console script: `main` as a shell command."""
+    from ml_infer.errors import run_as_command
+
+    run_as_command(main)
+
+
 if __name__ == "__main__":
-    main()
+    command()
