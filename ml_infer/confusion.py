@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.plots import pyplot
+from ml_infer.plots import subplots
 
 
 def plot_confusion_matrix(
@@ -17,7 +17,6 @@ def plot_confusion_matrix(
     figure = confusion_figure(labels, preds, classes, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    pyplot().close(figure)
 
 
 def confusion_figure(labels: Any, preds: Any, classes: Sequence[str], title: str) -> Any:
@@ -27,14 +26,13 @@ def confusion_figure(labels: Any, preds: Any, classes: Sequence[str], title: str
     are listed instead of the recalls."""
     import numpy as np
 
-    plt = pyplot()
     n = len(classes)
     matrix = np.zeros((n, n), dtype=int)
     np.add.at(matrix, (np.asarray(labels), np.asarray(preds)), 1)
     images = matrix.sum(axis=1)
     shares = matrix / np.maximum(images, 1)[:, None]
     size = max(4.0, 0.45 * min(n, 60) + 2)
-    figure, (axes, side) = plt.subplots(
+    figure, (axes, side) = subplots(
         1, 2, figsize=(size + 4.5, size), gridspec_kw={"width_ratios": [size, 4]}
     )
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -57,7 +55,8 @@ def confusion_figure(labels: Any, preds: Any, classes: Sequence[str], title: str
         side.bar_label(bars, [f"{r:.3f}" if p else "" for r, p in zip(recall, present)], fontsize=7)
         side.set_yticks(range(n), classes)
         side.invert_yaxis()
-        side.set_xlim(0, 1)
+        side.set_xlim(0, 1.15)  # room for the labels of full bars
+        side.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
         side.set_xlabel("recall (share of the class predicted right)")
         side.set_title("per-class recall", fontsize=9)
         for i in np.flatnonzero(~present):

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ml_infer.plots import pyplot
+from ml_infer.plots import subplots
 from ml_infer.sweepdir import read_predictions
 
 CSV_COLUMNS = ("run", "strategy", "class", "images", "accuracy_standard", "accuracy", "delta")
@@ -87,7 +87,6 @@ def write_per_class_delta(out_dir: Path, rows: list[dict[str, Any]]) -> bool:
         writer.writerows(deltas)
     figure = per_class_delta_figure(deltas)
     figure.savefig(out_dir / "per_class_delta.png", dpi=110)
-    pyplot().close(figure)
     return True
 
 
@@ -97,7 +96,6 @@ def per_class_delta_figure(deltas: list[dict[str, Any]]) -> Any:
     points (percentage points) when there are at most 30 classes."""
     import numpy as np
 
-    plt = pyplot()
     runs = list(dict.fromkeys(d["run"] for d in deltas))
     classes = list(dict.fromkeys(d["class"] for d in deltas))
     grid = np.full((len(runs), len(classes)), math.nan)
@@ -105,7 +103,7 @@ def per_class_delta_figure(deltas: list[dict[str, Any]]) -> Any:
         grid[runs.index(d["run"]), classes.index(d["class"])] = 100 * d["delta"]
     limit = max(1.0, float(np.nanmax(np.abs(grid))))
     width = min(24.0, max(6.0, 0.5 * len(classes) + 4))
-    figure, axes = plt.subplots(figsize=(width, max(2.5, 0.45 * len(runs) + 1.8)))
+    figure, axes = subplots(figsize=(width, max(2.5, 0.45 * len(runs) + 1.8)))
     image = axes.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     figure.colorbar(image, ax=axes, fraction=0.046, label="accuracy change (points)")
     axes.set_yticks(range(len(runs)), [run[:40] for run in runs])

@@ -35,7 +35,6 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: Path) -> None:
     figure = pareto_figure(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    pyplot().close(figure)
 
 
 def job_number(row: dict[str, Any], position: int) -> int:
@@ -79,7 +78,6 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
     listed in a key, so that runs of equal cost and accuracy stay readable; a second panel zooms
     into the accuracy band around the best run when some runs lie outside it.
     """
-    plt = pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     use_measured = all(not math.isnan(r.get("relative_cost", math.nan)) for r in rows)
@@ -98,7 +96,7 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
     if len(zoomed) < len(rows):
         panels.append(zoomed)
 
-    figure, axes_row = plt.subplots(
+    figure, axes_row = subplots(
         1,
         len(panels) + 1,
         figsize=(5 * len(panels) + 4, 6),
@@ -190,13 +188,20 @@ def pareto_figure(rows: Sequence[dict[str, Any]]) -> Any:
     return figure
 
 
-def pyplot() -> Any:
+def subplots(*grid: int, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """A figure and its axes as `pyplot.subplots` gives them, from matplotlib's object API:
+    without pyplot there is nothing global to close, and one import less on a run's path."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, **kwargs)
+
+
+def palette(name: str) -> tuple[Any, ...]:
+    """The colours of one of matplotlib's qualitative colour maps ("tab20")."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return tuple(matplotlib.colormaps[name].colors)  # type: ignore[attr-defined]  # a ListedColormap
 
 
 def plot_fixed_broken(
@@ -215,7 +220,6 @@ def plot_fixed_broken(
     one montage (one image, not a subplot per image: a sweep draws one per run)."""
     import numpy as np
 
-    plt = pyplot()
     fixed = [i for i in range(len(labels)) if preds[i] == labels[i] != baseline_preds[i]]
     broken = [i for i in range(len(labels)) if baseline_preds[i] == labels[i] != preds[i]]
     shown = [("fixed", i) for i in fixed[:per_group]] + [("broken", i) for i in broken[:per_group]]
@@ -229,7 +233,7 @@ def plot_fixed_broken(
     for slot, tile in enumerate(tiles):
         top, left = (slot // columns) * step + caption, (slot % columns) * (width + gap)
         montage[top : top + height, left : left + width] = tile
-    figure, axes = plt.subplots(figsize=(2.1 * columns, 3.2 * rows + 0.8))
+    figure, axes = subplots(figsize=(2.1 * columns, 3.2 * rows + 0.8))
     axes.imshow(montage.squeeze(-1) if channels == 1 else montage, cmap="gray", vmin=0, vmax=1)
     axes.axis("off")
     for slot, (name, index) in enumerate(shown):
@@ -248,15 +252,13 @@ def plot_fixed_broken(
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
-    plt.close(figure)
 
 
 def plot_risk_coverage(curves: dict[str, tuple[list[float], float]], path: Path) -> None:
     """Selective risk against coverage, one line per run (lower is better; its AURC in the key):
     how many errors a strategy makes on the images it is most confident of."""
-    plt = pyplot()
-    figure, axes = plt.subplots(figsize=(10, 6.5))
-    colours = plt.get_cmap("tab20").colors
+    figure, axes = subplots(figsize=(10, 6.5))
+    colours = palette("tab20")
     ranked = sorted(curves.items(), key=lambda item: item[1][1])  # best AURC first in the key
     for index, (label, (risks, area)) in enumerate(ranked):
         coverage = [(k + 1) / len(risks) for k in range(len(risks))]
@@ -278,4 +280,3 @@ def plot_risk_coverage(curves: dict[str, tuple[list[float], float]], path: Path)
     axes.set_title(f"Risk-coverage of {len(curves)} runs (max-probability ranking)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

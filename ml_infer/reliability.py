@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ml_infer.plots import pyplot
+from ml_infer.plots import palette, subplots
 
 Bins = Mapping[str, Sequence[float]]  # count, confidence, accuracy per bin
 
@@ -22,9 +22,8 @@ def plot_reliability(
 ) -> None:
     """One panel per kind ("raw", "calibrated"): accuracy bars per confidence bin against the
     diagonal, the gap to the bin's mean confidence hatched, and the bin's image count above it."""
-    plt = pyplot()
     kinds = [kind for kind in ("raw", "calibrated") if kind in bins]
-    figure, panels = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 5.0), squeeze=False)
+    figure, panels = subplots(1, len(kinds), figsize=(5.2 * len(kinds), 5.0), squeeze=False)
     for axes, kind in zip(panels[0], kinds, strict=True):
         counts, confidence, accuracy = (bins[kind][k] for k in ("count", "confidence", "accuracy"))
         width = 1.0 / len(counts)
@@ -58,17 +57,15 @@ def plot_reliability(
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def plot_reliability_overlay(runs: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """Every run's reliability curve (accuracy against mean confidence, one point per non-empty
     bin, sized by its count): raw in the left panel, calibrated in the right when any run was
     calibrated. `runs` maps a run's label to its metrics.json `reliability` entry."""
-    plt = pyplot()
     kinds = ["raw"] + (["calibrated"] if any("calibrated" in r for r in runs.values()) else [])
-    figure, panels = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6.0), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    figure, panels = subplots(1, len(kinds), figsize=(6.5 * len(kinds), 6.0), squeeze=False)
+    colours = palette("tab20")
     for axes, kind in zip(panels[0], kinds, strict=True):
         for index, (label, reliability) in enumerate(sorted(runs.items())):
             if kind not in reliability:
@@ -109,4 +106,3 @@ def plot_reliability_overlay(runs: Mapping[str, Mapping[str, Any]], path: Path) 
         axes.legend(fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -7,12 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ml_infer.plots import pyplot
+from ml_infer.plots import subplots
 
 
 def plot_shift_heatmap(summary: dict[str, Any], path: Path) -> None:
     """Strategy x corruption: accuracy change against standard in points, mean over severities."""
-    plt = pyplot()
     strategies = [s for s in summary["strategies"] if "delta_per_corruption" in s]
     corruptions = summary["corruptions"]
     values = [
@@ -20,7 +19,7 @@ def plot_shift_heatmap(summary: dict[str, Any], path: Path) -> None:
     ]
     finite = [abs(v) for row in values for v in row if not math.isnan(v)]
     limit = max([*finite, 0.5])
-    figure, axes = plt.subplots(
+    figure, axes = subplots(
         figsize=(max(7.0, 3.0 + 0.8 * len(corruptions)), max(3.5, 1.8 + 0.5 * len(strategies)))
     )
     image = axes.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
@@ -37,13 +36,11 @@ def plot_shift_heatmap(summary: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def plot_shift_severity(summary: dict[str, Any], path: Path) -> None:
     """Accuracy and ECE against severity (0: clean), mean over corruptions, per strategy."""
-    plt = pyplot()
-    figure, (accuracy_axes, ece_axes) = plt.subplots(1, 2, figsize=(12, 5))
+    figure, (accuracy_axes, ece_axes) = subplots(1, 2, figsize=(12, 5))
     severities = [0, *summary["severities"]]
     for strategy in summary["strategies"]:
         accuracy = [strategy["clean_accuracy"]] + [
@@ -65,4 +62,3 @@ def plot_shift_severity(summary: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)

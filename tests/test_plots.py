@@ -12,7 +12,7 @@ import pytest
 from ml_infer import report
 from ml_infer.confusion import confusion_figure
 from ml_infer.perclass import per_class_delta_figure, per_class_deltas
-from ml_infer.plots import pareto_figure, plot_pareto, pyplot
+from ml_infer.plots import pareto_figure, plot_pareto
 from ml_infer.report import collect_runs
 from ml_infer.task import run_evaluation
 
@@ -38,17 +38,11 @@ def sweep_row(job: int, label: str, accuracy: float, cost: float, iqr: float = m
     }
 
 
-@pytest.fixture()
-def close_figures():
-    yield
-    pyplot().close("all")
-
-
 def labels_of(axes) -> list[str]:
     return [text.get_text() for text in axes.texts]
 
 
-def test_points_carry_their_run_number_and_name_and_cost_its_spread(close_figures):
+def test_points_carry_their_run_number_and_name_and_cost_its_spread():
     rows = [
         sweep_row(0, "strategy=standard", 0.975, 1.0, 0.05),
         sweep_row(3, "strategy=tta", 0.980, 9.5, 1.2),
@@ -65,7 +59,7 @@ def test_points_carry_their_run_number_and_name_and_cost_its_spread(close_figure
     assert "digits/test" in title and "3 runs" in title and "fp32 on cpu" in title
 
 
-def test_a_zoom_panel_only_when_some_runs_lie_outside_the_best_band(close_figures, tmp_path):
+def test_a_zoom_panel_only_when_some_runs_lie_outside_the_best_band(tmp_path):
     rows = [sweep_row(0, "strategy=standard", 0.975, 1.0), sweep_row(1, "strategy=tta", 0.6, 10.0)]
     figure = pareto_figure(rows)
     assert len(figure.axes) == 3
@@ -76,7 +70,7 @@ def test_a_zoom_panel_only_when_some_runs_lie_outside_the_best_band(close_figure
     assert path.stat().st_size > 10_000
 
 
-def test_forward_passes_stand_in_for_a_cost_no_run_measured(close_figures):
+def test_forward_passes_stand_in_for_a_cost_no_run_measured():
     rows = [
         sweep_row(0, "strategy=standard", 0.975, math.nan) | {"forward_passes_per_image": 1},
         sweep_row(1, "strategy=tta", 0.98, math.nan) | {"forward_passes_per_image": 10},
@@ -87,7 +81,7 @@ def test_forward_passes_stand_in_for_a_cost_no_run_measured(close_figures):
     assert [point[0] for point in plotted.lines[-1].get_xydata()] == [1, 10]  # the front
 
 
-def test_the_confusion_matrix_colours_shares_labels_counts_and_shows_recall(close_figures):
+def test_the_confusion_matrix_colours_shares_labels_counts_and_shows_recall():
     labels = [0] * 90 + [1] * 10
     preds = [0] * 88 + [1] * 2 + [1] * 7 + [0] * 3
     figure = confusion_figure(labels, preds, ["cat", "dog", "owl"], "tta on pets/test")
@@ -101,7 +95,7 @@ def test_the_confusion_matrix_colours_shares_labels_counts_and_shows_recall(clos
     assert figure.axes[-1].get_ylabel() == "share of the true class"  # the colour bar
 
 
-def test_past_30_classes_the_most_confused_pairs_are_listed(close_figures):
+def test_past_30_classes_the_most_confused_pairs_are_listed():
     classes = [f"c{k}" for k in range(35)]
     labels = list(range(35)) * 2 + [3] * 9
     preds = list(range(35)) * 2 + [7] * 9
@@ -128,7 +122,7 @@ def write_predictions(run_dir: Path, right: dict[str, int], per_class: int = 10)
                 writer.writerow([f"{name}{k}", name, name if k < hits else other])
 
 
-def test_per_class_accuracy_change_against_standard(tmp_path, close_figures, capsys):
+def test_per_class_accuracy_change_against_standard(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     standard = make_run(sweep, "0_standard", hand_made_metrics("standard", 0.65, 900.0), None)
     tta = make_run(sweep, "1_tta", hand_made_metrics("tta", 0.65, 90.0), "- strategy=tta\n")
