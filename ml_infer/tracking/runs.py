@@ -127,9 +127,11 @@ class LiveRun:
         if tracking is None or process_rank() > 0:
             return None
         live = cls(tracking)
+        predicting = cfg.mode == "predict"  # named as metrics.json will name it
+        data = f"folder/{cfg.predict.root}" if predicting else f"{cfg.data.name}/{cfg.data.split}"
         tags = mlflow_context_tags() | {
             "strategy": str(cfg.strategy.name),
-            "data": f"{cfg.data.name}/{cfg.data.get('split')}",
+            "data": data,
             "run_dir": str(run_dir.resolve()),
         }
         if overrides := _job_overrides():
