@@ -123,6 +123,10 @@ def run_as_command(main: Callable[[], object]) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    with contextlib.suppress(Exception):  # what C and C++ code wrote into stdio's buffers
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)
 
 

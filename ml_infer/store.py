@@ -66,15 +66,20 @@ def data_identity(dataset: Any) -> str:
     if not isinstance(images, Tensor):
         return f"unkeyed:{id(dataset)}"
     # a run asks twice (its store keys, its metrics.json): hash the pixels once, again only
-    # after they were changed in place (torch counts that in `_version`)
+    # after a torch operation changed them in place (counted in `_version`; a write through
+    # `.numpy()` or `.data` is not, and nothing here writes so)
+    try:
+        now = images._version
+    except RuntimeError:  # a tensor made under inference_mode counts no versions: hash it
+        return tensor_digest(images)
     held, version, digest = _IMAGE_DIGESTS.get(id(images), (None, None, ""))
-    if held is None or held() is not images or version != images._version:
+    if held is None or held() is not images or version != now:
         digest = tensor_digest(images)
 
         def forget(_: Any, key: int = id(images)) -> None:
             _IMAGE_DIGESTS.pop(key, None)
 
-        _IMAGE_DIGESTS[id(images)] = (weakref.ref(images, forget), images._version, digest)
+        _IMAGE_DIGESTS[id(images)] = (weakref.ref(images, forget), now, digest)
     return digest
 
 

@@ -42,14 +42,13 @@ def run_evaluation(cfg: DictConfig, output_dir: str | Path | None = None) -> dic
             return {}
         evaluation.metrics |= {"started_at": started_at, "ended_at": _now()}  # the run's span
         write_run(evaluation, run_dir)
+        log_evaluation(cfg, evaluation.metrics, run_dir, live)
+    except TrackingFailed as error:  # tracking.required: the files are written, the run pending
+        raise NotLogged(str(error)) from None
     except BaseException as error:
         if live is not None:
             live.stopped(error)  # FAILED, or KILLED by a signal
         raise
-    try:
-        log_evaluation(cfg, evaluation.metrics, run_dir, live)
-    except TrackingFailed as error:
-        raise NotLogged(str(error)) from None
     return evaluation.metrics
 
 

@@ -14,10 +14,12 @@ import pytest
 
 import ml_infer.task
 from ml_infer.errors import UserError
+from ml_infer.outputs import MLFLOW_PENDING_FILE, MLFLOW_RUN_FILE
 from ml_infer.task import run_evaluation
+from ml_infer.tracking import sync_sweep
 from ml_infer.tracking.store import PARENT_RUN_FILE
 
-from .conftest import REPO, compose_config
+from .conftest import REPO, compose_config, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.slow  # each imports mlflow (4 s)
 
@@ -63,6 +65,47 @@ def test_a_run_is_running_in_the_store_while_it_is_evaluated(runs_dir, tmp_path,
     assert after.info.start_time == pytest.approx(started, abs=1)
     marker = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())
     assert marker["run_id"] == after.info.run_id
+
+
+def test_a_store_lost_during_the_run_leaves_its_live_run_for_sync_to_replace(
+    runs_dir, tmp_path, monkeypatch
+):
+    """The server answers when the run starts and is gone when it ends: the run directory names
+    the live run as partial, and --sync, once the server is back, replaces it with one complete
+    run (not a second one beside it)."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "store").mkdir()
+    run_dir = tmp_path / "sweep" / "0_standard"
+    real_evaluate = ml_infer.task._evaluate
+    with (tmp_path / "server.log").open("a") as log:
+        server = start_server(port, tmp_path / "store", log)
+        try:
+
+            def evaluate_then_lose_the_server(cfg):
+                evaluation = real_evaluate(cfg)
+                stop_server(server, signal.SIGKILL)
+                return evaluation
+
+            monkeypatch.setattr(ml_infer.task, "_evaluate", evaluate_then_lose_the_server)
+            cfg = compose_config(["tracking=mlflow", f"tracking.uri={uri}"], runs_dir=runs_dir)
+            metrics = run_evaluation(cfg, output_dir=run_dir)
+        finally:
+            stop_server(server, signal.SIGKILL)
+        pending = json.loads((run_dir / MLFLOW_PENDING_FILE).read_text())
+        assert pending["partial_run_id"] and "connection refused" in pending["cause"]
+
+        server = start_server(port, tmp_path / "store", log)
+        try:
+            result = sync_sweep(tmp_path / "sweep", say=lambda line: None)
+            runs = experiment_runs(client_for(uri))  # (sync made the sweep a parent run)
+            (run,) = [r for r in runs if r.data.tags.get("sweep") != "true"]
+        finally:
+            stop_server(server)
+    assert [path for path, _ in result.logged] == [run_dir]
+    assert run.info.status == "FINISHED" and run.info.run_id != pending["partial_run_id"]
+    assert run.data.metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert json.loads((run_dir / MLFLOW_RUN_FILE).read_text())["run_id"] == run.info.run_id
 
 
 def test_a_run_that_fails_is_failed_in_the_store_with_its_error(runs_dir, tmp_path):

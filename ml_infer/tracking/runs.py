@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from ml_infer.tracking.store import (
     TrackingSettings,
     _client,
     _experiment_id,
+    _patiently,
     _report_failure,
     _summary_cause,
     error_text,
@@ -142,7 +143,7 @@ class LiveRun:
             client = _client(tracking)
             run = _patiently(
                 client.create_run,
-                _experiment_id(client, tracking),
+                _patiently(_experiment_id, client, tracking),
                 start_time=_epoch_ms(started_at),
                 tags=tags,
                 run_name=tracking.run_name,
@@ -158,17 +159,22 @@ class LiveRun:
         saying why. Quietly: the error that stopped the evaluation is what the user hears of."""
         if self.run_id is None:
             return
-        killed = isinstance(error, KeyboardInterrupt) or received_interrupt() is not None
-        if isinstance(error, Interrupted):
-            why = f"interrupted by {error.signal_name}"
-        elif isinstance(error, UserError):
-            why = str(error)
+        # a library may have turned the signal into its own error (torch.load: a RuntimeError)
+        interrupted = error if isinstance(error, Interrupted) else received_interrupt()
+        if interrupted is not None:
+            status, why = "KILLED", f"interrupted by {interrupted.signal_name}"
+        elif isinstance(error, KeyboardInterrupt):
+            status, why = "KILLED", "interrupted"
         else:
-            why = f"{type(error).__name__}: {error}"
-        with contextlib.suppress(Exception):
+            why = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            status = "FAILED"
+        # The status first: a second Ctrl-C while a slow server answers stops what is left.
+        try:
             client = _client(self.tracking)
+            client.set_terminated(self.run_id, status)
             client.set_tag(self.run_id, "error", brief(why, _MAX_PARAM_LENGTH))
-            client.set_terminated(self.run_id, "KILLED" if killed else "FAILED")
+        except BaseException:  # noqa: BLE001 - the error that stopped the run is the one to raise
+            pass
 
 
 def log_evaluation(
@@ -187,15 +193,15 @@ def log_evaluation(
     config = plain_dict(cfg)
     tags = mlflow_context_tags() | run_tags(metrics, _job_overrides())
     record = RunRecord.assemble(run_dir, config, metrics, tags, _parent_run_id())
-    if live is not None and live.start_error is not None:  # already warned of, at the start
-        _mark_pending(tracking, record, live.start_error, None)
-        return None
-    created: dict[str, str] = {}
+    # the live run, named before the store is contacted: a store that fails now leaves it
+    # for --sync to delete and log again
+    created = {"run_id": live.run_id} if live is not None and live.run_id else {}
     try:
-        run_id = _log_run(tracking, record, created, live.run_id if live else None)
+        run_id = _log_run(tracking, record, created, created.get("run_id"))
     except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         _mark_pending(tracking, record, error, created.get("run_id"))
-        _report_failure(tracking, "logging the run", error)
+        if live is None or live.start_error is None:  # a failed start warned already
+            _report_failure(tracking, "logging the run", error)
         return None
     _mark_logged(tracking, run_dir, run_id)
     return run_id
@@ -260,7 +266,7 @@ def _log_run(
     if run_id is None:
         run = _patiently(
             client.create_run,
-            _experiment_id(client, tracking),
+            _patiently(_experiment_id, client, tracking),
             start_time=started,
             tags=record.tags,
             run_name=tracking.run_name,
@@ -293,20 +299,6 @@ def _log_run(
         "logged MLflow run %s to %s (experiment %r)", run_id, tracking.uri, tracking.experiment
     )
     return run_id
-
-
-def _patiently(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`call`, tried again while a sqlite store answers "database is locked": the jobs of a
-    parallel launcher write one sqlite file at once, and sqlite waits only 5 s for its lock."""
-    for wait_s in (0.5, 1.0, 2.0, 4.0, 8.0):
-        try:
-            return call(*args, **kwargs)
-        except Exception as error:
-            if "database is locked" not in str(error):
-                raise
-            log.info("the tracking store is locked by another process; trying again")
-            time.sleep(wait_s)
-    return call(*args, **kwargs)
 
 
 def _epoch_ms(timestamp: Any) -> int | None:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import socket
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,6 +182,20 @@ def _experiment_id(client: Any, tracking: TrackingSettings) -> str:
     if EXPERIMENT_KIND_TAG[0] not in experiment.tags:  # made by an earlier ml_infer: kind it
         client.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND_TAG)
     return experiment.experiment_id
+
+
+def _patiently(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`call`, tried again while a sqlite store answers "database is locked": the jobs of a
+    parallel launcher write one sqlite file at once, and sqlite waits only 5 s for its lock."""
+    for wait_s in (0.5, 1.0, 2.0, 4.0, 8.0):
+        try:
+            return call(*args, **kwargs)
+        except Exception as error:
+            if "database is locked" not in str(error):
+                raise
+            log.info("the tracking store is locked by another process; trying again")
+            time.sleep(wait_s)
+    return call(*args, **kwargs)
 
 
 def _artifact_location(tracking: TrackingSettings) -> str | None:
