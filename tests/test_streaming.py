@@ -118,8 +118,9 @@ def test_a_streamed_evaluation_predicts_what_the_held_one_does(
 
 # Peak memory: one run over a folder of photographs, and over ten times as many.
 MEASURE_PEAK = """
-import resource, runpy, sys
-import matplotlib.pyplot, torch, torchvision, ml_infer.evaluate, ml_infer.record  # imported first
+import resource, sys
+import matplotlib.figure, torch, torchvision, ml_infer.evaluate, ml_infer.record  # imported first
+from ml_infer.__main__ import main  # main, not the command, which ends the process when done
 try:  # the high-water mark from here on: importing torch peaks higher on some machines
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
@@ -127,7 +128,7 @@ except OSError:
     pass
 sys.argv = ["ml_infer", *sys.argv[1:]]
 try:
-    runpy.run_module("ml_infer", run_name="__main__")
+    main()
 except SystemExit as stop:
     if stop.code:
         raise
