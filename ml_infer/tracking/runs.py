@@ -197,7 +197,7 @@ def log_evaluation(
     # for --sync to delete and log again
     created = {"run_id": live.run_id} if live is not None and live.run_id else {}
     try:
-        run_id = _log_run(tracking, record, created, created.get("run_id"))
+        run_id = _log_run(tracking, record, created)
     except Exception as error:  # noqa: BLE001 - any store failure: network, database, ...
         _mark_pending(tracking, record, error, created.get("run_id"))
         if live is None or live.start_error is None:  # a failed start warned already
@@ -249,17 +249,13 @@ def _mark_pending(
     )
 
 
-def _log_run(
-    tracking: TrackingSettings,
-    record: RunRecord,
-    created: dict[str, str],
-    run_id: str | None = None,
-) -> str:
-    """Logs everything of `record` into the MLflow run `run_id` (created now when None) and
-    ends it FINISHED; `created["run_id"]` names the run as soon as it exists, so that a run the
-    store failed midway can be cleaned up."""
+def _log_run(tracking: TrackingSettings, record: RunRecord, created: dict[str, str]) -> str:
+    """Logs everything of `record` into the MLflow run `created["run_id"]` (a live run), or into
+    one created now, and ends it FINISHED; `created["run_id"]` names the run as soon as it
+    exists, so that a run the store failed midway can be cleaned up."""
     from mlflow.entities import Metric, Param, RunTag
 
+    run_id = created.get("run_id")
     client = _client(tracking)
     started, ended = record.span_ms
     tags = [RunTag(k, v) for k, v in record.tags.items()] if run_id else []
